@@ -13,8 +13,10 @@ from .master import MasterCheckpoint
 def load_hf_model(model_dir, dtype=torch.float32):
     """(model, tokenizer, config dict) for a local HF directory, checked for a supported architecture."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     path, config, _ = read_model_dir(model_dir)
+    hf_logging.disable_progress_bar()  # our own progress bars only; keeps stderr to one line on errors
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(str(path))

@@ -1,0 +1,76 @@
+"""GGUF exporter (llama.cpp, llama-cpp-python, LM Studio, Ollama).
+
+    neuqi-export export MASTER --to gguf --type Q4_1 -o model.gguf
+
+Weight types (--type):
+- Q4_1 (masters of <= 4 bits), Q5_1 (<= 5 bits): EXACT. A 32-weight block holds the master's codes
+  unchanged, with d = scale, m = -scale*zero stored in fp16 (m compensates d's rounding). Needs
+  group size % 32 == 0 (32/64/128/..., per-channel) and in % 32 == 0; otherwise the tensor is refit
+  per 32-block on the diag(H) objective (in % 32 == 0) or stored F16, and the report says so.
+- Q4_K (<= 4 bits), Q3_K (<= 3), Q2_K (<= 2): size-true REFITS (kquants.py): sub-block scales/mins
+  on the format's integer lattice with fp16 super-scales searched to minimise Σ h (w − ŵ)² (h =
+  master hdiag), codes re-rounded; the report gives each tensor's added error. Rows whose length is
+  not a multiple of 256 get Q4_1 instead (exact when the master fits it), as llama-quantize also
+  falls back to a legacy type there (SmolLM2: every linear but ffn_down, since 576 % 256 != 0).
+
+Embeddings / output head (--embed-type, --output-type; unquantized in the master). 'auto' follows
+llama-quantize's Q4_1 preset: output.weight -> Q6_K (Q8_0 when n_embd % 256 != 0, e.g. SmolLM2's
+576); a tied token_embd is quantized like the output; an untied token_embd gets the base type
+(Q4_1/Q5_1, min-max round-to-nearest, as llama-quantize without imatrix; Q8_0 for K types). Choices:
+F32 F16 Q8_0 Q6_K Q4_1 Q5_1. On tiny random models the untied Q5_1 embedding alone moved logits by
+~11% rms, so for parity measurements pass --embed-type Q8_0 (or F16).
+
+Python: `export_gguf(master, out, qtype="Q4_1", embed_type="auto", output_type="auto",
+tokenizer_pre=None, name=None, overwrite=False) -> ExportReport`.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from converters.registry import Exporter, register
+
+from .writer import FLOAT_TYPES, WEIGHT_TYPES, export_gguf
+
+from .kquants import _register as _register_k
+
+_register_k()
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--type", dest="gguf_type", default="Q4_1", choices=sorted(WEIGHT_TYPES),
+                   help="block type of the quantized linears: Q4_1/Q5_1 are exact, K types are refits (default Q4_1)")
+    p.add_argument("--embed-type", default="auto", choices=FLOAT_TYPES,
+                   help="token_embd type (auto = llama-quantize's choice: tied -> like output, untied -> base type)")
+    p.add_argument("--output-type", default="auto", choices=FLOAT_TYPES,
+                   help="output.weight type (auto = Q6_K, or Q8_0 when n_embd %% 256 != 0)")
+    p.add_argument("--tokenizer-pre", default=None,
+                   help="llama.cpp pre-tokenizer name to write instead of the detected one (e.g. smollm, qwen2, gpt-2, llama-bpe)")
+    p.add_argument("--gguf-name", default=None, help="general.name written into the GGUF (default: the model's name)")
+
+
+def export(master, out, args: argparse.Namespace):
+    """Registry entry point: export(MasterCheckpoint | path, out path, parsed args) -> ExportReport."""
+    if isinstance(master, (str, Path)):
+        from neuqi_export.master import MasterCheckpoint
+
+        master = MasterCheckpoint.load(master)
+    return export_gguf(
+        master, Path(out),
+        qtype=getattr(args, "gguf_type", None) or getattr(args, "type", None) or "Q4_1",
+        embed_type=getattr(args, "embed_type", "auto"),
+        output_type=getattr(args, "output_type", "auto"),
+        tokenizer_pre=getattr(args, "tokenizer_pre", None),
+        name=getattr(args, "gguf_name", None),
+        overwrite=bool(getattr(args, "force", False) or getattr(args, "overwrite", False)),
+    )
+
+
+register(Exporter(
+    name="gguf",
+    help="GGUF for llama.cpp: Q4_1/Q5_1 exact from the master's codes (K-quants refit)",
+    add_arguments=add_arguments,
+    export=export,
+))
+
+__all__ = ["export_gguf", "export", "add_arguments"]

@@ -69,7 +69,8 @@ def pack_exact(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray, group_siz
     codes = np.asarray(codes, np.uint8)
     rows, n_in = codes.shape
     s, z = block_params(scale, zero, group_size, n_in)
-    d16 = s.astype(np.float16)
+    with np.errstate(over="ignore"):
+        d16 = s.astype(np.float16)
     if not np.isfinite(d16).all():
         raise NotRepresentable(f"a scale exceeds the fp16 range ({F16_MAX})")
     h = np.ones(n_in) if hdiag is None else np.asarray(hdiag, np.float64)
@@ -78,7 +79,8 @@ def pack_exact(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray, group_siz
     hsum = hb.sum(-1)
     qbar = np.where(hsum > 0, (hb * qb).sum(-1) / np.where(hsum > 0, hsum, 1), qb.mean(-1))
     m_target = -s * z - (d16.astype(np.float64) - s) * qbar
-    m16 = m_target.astype(np.float16)
+    with np.errstate(over="ignore", invalid="ignore"):
+        m16 = m_target.astype(np.float16)
     if not np.isfinite(m16).all():
         raise NotRepresentable(f"a min (-scale*zero) exceeds the fp16 range ({F16_MAX})")
     data = packer(codes, d16, m16)

@@ -68,3 +68,223 @@ def refit_legacy(w: np.ndarray, hdiag: np.ndarray | None, qtype: str, why: str) 
     w_new = np.repeat(d16.astype(np.float32), QK, 1) * q.reshape(rows, n).astype(np.float32) + np.repeat(m16.astype(np.float32), QK, 1)
     err, rel = weighted_error(w, w_new, h)
     return PackedTensor(data, qtype, False, err, rel, f"refit ({why})")
+
+
+# ------------------------------------------------------------------------------------------------
+# K-quants: 256-weight super-blocks of 16/32-weight sub-blocks; each sub-block scale (and min) is a
+# small integer times one fp16 super-scale per super-block. The master's per-group (s, Z) are not
+# on that lattice, so the tensor is refit:
+#   1. per sub-block, a continuous start: the master's own (s, m = -s*Z) where its groups cover whole
+#      sub-blocks and its bits fit, else a diag(H)-weighted affine / symmetric fit of the weights;
+#   2. per super-block, a small grid of fp16 super-scales (d, dmin) around max(sub-scale)/int_max;
+#      for each, every sub-block takes the best of round(s/d) ± 1 (and round(-m/dmin) ± 1) with its
+#      codes re-rounded, judged by Σ h (w − ŵ)²; the best grid point wins;
+#   3. a weighted least-squares polish of (d, dmin) for the chosen integers and codes, kept only if
+#      it lowers the error after fp16 rounding and code re-rounding.
+# Everything is vectorised over all super-blocks of a tensor.
+
+from .packers import QK_K, pack_q2_k, pack_q3_k, pack_q4_k  # noqa: E402
+
+# type -> (sub-block size, code levels, max master bits to seed from, sub-scale int max, has min)
+K_TYPES = {
+    "Q4_K": (32, 16, 4, 63, True),
+    "Q2_K": (16, 4, 2, 15, True),
+    "Q3_K": (16, 8, 3, 31, False),  # signed scales -32..31, codes -4..3, no min
+}
+_F16_TINY = 6.2e-5  # keep super-scales in the normal fp16 range where possible
+
+
+def _f16(x):
+    with np.errstate(over="ignore"):
+        return np.asarray(x, np.float64).astype(np.float16).astype(np.float64)
+
+
+def _round_codes_affine(x, s, m, levels):
+    """codes 0..levels-1 for x ≈ s*q + m (s, m per sub-block; s == 0 -> code 0)."""
+    safe = np.where(s > 0, s, 1.0)
+    q = np.clip(np.round((x - m[..., None]) / safe[..., None]), 0, levels - 1)
+    return np.where(s[..., None] > 0, q, 0.0)
+
+
+def _round_codes_sym(x, s):
+    """codes -4..3 for x ≈ s*v (Q3_K)."""
+    safe = np.where(s != 0, s, 1.0)
+    v = np.clip(np.round(x / safe[..., None]), -4, 3)
+    return np.where(s[..., None] != 0, v, 0.0)
+
+
+def _sub_err(x, h, w_hat):
+    return (h * (x - w_hat) ** 2).sum(-1)
+
+
+def _sym_start(x, h):
+    """Per sub-block weighted best s for x ≈ s*v, v in -4..3 (grid on the map of the largest |x| to -4)."""
+    imax = np.abs(x).argmax(-1)
+    vmax = np.take_along_axis(x, imax[..., None], -1)[..., 0]
+    best_s = np.zeros(x.shape[:-1])
+    best_e = np.full(x.shape[:-1], np.inf)
+    for t in np.linspace(0.6, 1.3, 15):
+        s_try = np.where(vmax != 0, -vmax / (4 * t), 0.0)
+        v = _round_codes_sym(x, s_try)
+        den = (h * v * v).sum(-1)
+        s = np.where(den > 0, (h * x * v).sum(-1) / np.where(den > 0, den, 1), 0.0)
+        v = _round_codes_sym(x, s)
+        e = _sub_err(x, h, s[..., None] * v)
+        better = e < best_e
+        best_e, best_s = np.where(better, e, best_e), np.where(better, s, best_s)
+    return best_s
+
+
+def _choose_ints(x, h, s_t, m_t, d, dm, levels, imax, with_min):
+    """For super-scale candidates d, dm (per super-block), the best integer (sc, mn) per sub-block, ±1 around rounding."""
+    dd = np.where(d > 0, d, 1.0)[..., None]
+    base_sc = np.round(s_t / dd)
+    best = None
+    if with_min:
+        dmm = np.where(dm > 0, dm, 1.0)[..., None]
+        base_mn = np.clip(np.round(-m_t / dmm), 0, imax)
+        trials = [(a, b) for a in (-1, 0, 1) for b in (-1, 0, 1)]
+    else:
+        base_mn = np.zeros_like(base_sc)
+        trials = [(a, 0) for a in (-1, 0, 1)]
+    for a, b in trials:
+        if with_min:
+            sc = np.clip(base_sc + a, 0, imax)
+            mn = np.clip(base_mn + b, 0, imax)
+            s, m = d[..., None] * sc, -dm[..., None] * mn
+            q = _round_codes_affine(x, s, m, levels)
+            w_hat = s[..., None] * q + m[..., None]
+        else:
+            sc = np.clip(base_sc + a, -imax - 1, imax)
+            mn = base_mn
+            s = d[..., None] * sc
+            q = _round_codes_sym(x, s)
+            w_hat = s[..., None] * q
+        e = _sub_err(x, h, w_hat)
+        if best is None:
+            best = [e, sc, mn, q]
+        else:
+            better = e < best[0]
+            best = [np.where(better, e, best[0]), np.where(better, sc, best[1]), np.where(better, mn, best[2]),
+                    np.where(better[..., None], q, best[3])]
+    return best  # err (S, nsub), sc, mn, q (S, nsub, B)
+
+
+def _polish(x, h, sc, mn, q, with_min):
+    """Weighted LS super-scales for fixed integers and codes: ŵ = d*(sc*q) - dm*mn (or d*sc*q)."""
+    a = sc[..., None] * q
+    if not with_min:
+        den = (h * a * a).sum((-1, -2))
+        return np.where(den > 0, (h * x * a).sum((-1, -2)) / np.where(den > 0, den, 1), 0.0), np.zeros(den.shape)
+    b = -np.broadcast_to(mn[..., None], x.shape)
+    saa, sbb, sab = (h * a * a).sum((-1, -2)), (h * b * b).sum((-1, -2)), (h * a * b).sum((-1, -2))
+    sax, sbx = (h * a * x).sum((-1, -2)), (h * b * x).sum((-1, -2))
+    det = saa * sbb - sab * sab
+    ok = np.abs(det) > 1e-30 * np.maximum(saa * sbb, 1e-300)
+    dsafe = np.where(ok, det, 1.0)
+    d = np.where(ok, (sax * sbb - sbx * sab) / dsafe, np.where(saa > 0, sax / np.where(saa > 0, saa, 1), 0.0))
+    dm = np.where(ok, (sbx * saa - sax * sab) / dsafe, 0.0)
+    return np.maximum(d, 0.0), np.maximum(dm, 0.0)
+
+
+def fit_k(w: np.ndarray, h: np.ndarray, qtype: str, seed: tuple[np.ndarray, np.ndarray] | None = None):
+    """Refit w (rows, n), n % 256 == 0, to a K type. Returns (packed bytes, ŵ float32 as the runtime reads it)."""
+    B, levels, _, imax, with_min = K_TYPES[qtype]
+    rows, n = w.shape
+    nsup = n // QK_K
+    nsub = QK_K // B
+    x = np.asarray(w, np.float64).reshape(rows * nsup, nsub, B)
+    hh = np.broadcast_to(np.asarray(h, np.float64).reshape(1, nsup, nsub, B), (rows, nsup, nsub, B)).reshape(x.shape)
+    # 1. continuous start per sub-block
+    if with_min:
+        if seed is not None:
+            s_t, m_t = (v.reshape(rows * nsup, nsub) for v in seed)
+        else:
+            _, d16, m16, _ = fit_affine_blocks(x, hh, levels)
+            s_t, m_t = d16.astype(np.float64), m16.astype(np.float64)
+        m_t = np.minimum(m_t, 0.0)  # the format's offset is -dmin*mn <= 0
+    else:
+        s_t = _sym_start(x, hh)
+        m_t = np.zeros_like(s_t)
+    # 2. grid over the super-scales
+    if with_min:
+        d0 = s_t.max(-1) / imax
+        dm0 = (-m_t).max(-1) / imax
+    else:
+        i = np.abs(s_t).argmax(-1)
+        smax = np.take_along_axis(s_t, i[..., None], -1)[..., 0]
+        d0 = np.abs(smax) / np.where(smax < 0, imax + 1, imax)
+        dm0 = np.zeros_like(d0)
+    best = None
+    facs = (0.92, 1.0, 1.08)
+    for fd in facs:
+        for fm in (facs if with_min else (1.0,)):
+            d, dm = _f16(d0 * fd), _f16(dm0 * fm)
+            err, sc, mn, q = _choose_ints(x, hh, s_t, m_t, d, dm, levels, imax, with_min)
+            tot = err.sum(-1)
+            if best is None:
+                best = [tot, d, dm, sc, mn, q]
+            else:
+                b = tot < best[0]
+                best = [np.where(b, tot, best[0]), np.where(b, d, best[1]), np.where(b, dm, best[2]),
+                        np.where(b[:, None], sc, best[3]), np.where(b[:, None], mn, best[4]), np.where(b[:, None, None], q, best[5])]
+    tot, d, dm, sc, mn, q = best
+    # 3. least-squares polish of (d, dmin), re-round codes, keep where better
+    pd, pdm = _polish(x, hh, sc, mn, q, with_min)
+    pd, pdm = _f16(pd), _f16(pdm)
+    s, m = pd[:, None] * sc, -pdm[:, None] * mn
+    if with_min:
+        q2 = _round_codes_affine(x, s, m, levels)
+        w2 = s[..., None] * q2 + m[..., None]
+    else:
+        q2 = _round_codes_sym(x, s)
+        w2 = s[..., None] * q2
+    tot2 = _sub_err(x, hh, w2).sum(-1)
+    b = tot2 < tot
+    d, dm = np.where(b, pd, d), np.where(b, pdm, dm)
+    q = np.where(b[:, None, None], q2, q)
+    d16, dm16 = d.astype(np.float16).reshape(rows, nsup), dm.astype(np.float16).reshape(rows, nsup)
+    qf = q.reshape(rows, n)
+    sc = sc.reshape(rows, nsup * nsub).astype(np.int64)
+    mn = mn.reshape(rows, nsup * nsub).astype(np.int64)
+    if qtype == "Q4_K":
+        data = pack_q4_k(qf.astype(np.uint8), sc, mn, d16, dm16)
+    elif qtype == "Q2_K":
+        data = pack_q2_k(qf.astype(np.uint8), sc, mn, d16, dm16)
+    else:
+        data = pack_q3_k((qf + 4).astype(np.uint8), sc, d16)
+    import gguf
+
+    return data, gguf.quants.dequantize(data, gguf.GGMLQuantizationType[qtype])
+
+
+def refit_k(w: np.ndarray, hdiag: np.ndarray | None, qtype: str, bits: int, group_size: int,
+            scale: np.ndarray | None = None, zero: np.ndarray | None = None) -> PackedTensor:
+    """A master linear (dequantized w, rows x in, in % 256 == 0) refit to a K type.
+
+    scale/zero (rows, n_groups): the master's parameters; they seed the sub-block (s, m) when its
+    groups cover whole sub-blocks and its bits fit the type's codes.
+    """
+    rows, n = w.shape
+    if n % QK_K:
+        raise ValueError(f"input dim {n} is not a multiple of {QK_K}")
+    h = np.ones(n) if hdiag is None else np.asarray(hdiag, np.float64)
+    B, _, seed_bits, _, with_min = K_TYPES[qtype]
+    seed = None
+    if with_min and scale is not None and bits <= seed_bits and group_size % B == 0:
+        gidx = (np.arange(n // B) * B) // group_size
+        s = np.asarray(scale, np.float64)[:, gidx]
+        seed = (s, -s * np.asarray(zero, np.float64)[:, gidx])
+    data, w_new = fit_k(w, h, qtype, seed)
+    err, rel = weighted_error(w, w_new, h)
+    return PackedTensor(data, qtype, False, err, rel, "K-quant refit (diag-H)")
+
+
+def _register() -> None:
+    import gguf
+
+    from .writer import register_weight_type
+
+    register_weight_type("Q4_K", 4, gguf.LlamaFileType.MOSTLY_Q4_K_S)
+    register_weight_type("Q3_K", 3, gguf.LlamaFileType.MOSTLY_Q3_K_S)
+    register_weight_type("Q2_K", 2, gguf.LlamaFileType.MOSTLY_Q2_K)

@@ -1,0 +1,106 @@
+"""export_onnx: master checkpoint -> directory with model.onnx, genai_config.json, tokenizer files."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+from onnx import helper
+
+from converters.registry import ExportReport, TensorReport
+from neuqi_export.errors import UserError
+
+from .genai import genai_config
+from .graph import IR_VERSION, MIN_ORT_VERSION, MS_OPSET, ONNX_OPSET, DecoderGraph
+
+ACCURACY_LEVEL_DEFAULT = 4
+MODEL_NAME = "model.onnx"
+DATA_NAME = "model.onnx.data"
+EXTERNAL_THRESHOLD = int(1.8 * 2**30)  # protobuf's hard limit is 2 GiB for the whole file
+
+
+def _tokenizer_files():
+    from neuqi_export.master import TOKENIZER_FILES
+
+    return TOKENIZER_FILES
+
+
+def build_model(master, dtype: str = "fp32", zero_point: str = "fast", accuracy_level: int = ACCURACY_LEVEL_DEFAULT):
+    """(onnx.ModelProto, DecoderGraph) for a master checkpoint, with metadata set."""
+    g = DecoderGraph(master, dtype=dtype, zero_point=zero_point, accuracy_level=accuracy_level)
+    model = g.build()
+    q = master.config.get("quantization_config", {})
+    forms = sorted({w.zero_point_form for _, w in g.reports})
+    helper.set_model_props(model, {
+        "neuqi_export.format": "onnx-matmulnbits-1",
+        "neuqi_export.model_type": g.d.model_type,
+        "neuqi_export.bits": str(q.get("bits", "")),
+        "neuqi_export.group_size": str(q.get("group_size", "")),
+        "neuqi_export.dtype": dtype,
+        "neuqi_export.zero_point": zero_point,
+        "neuqi_export.zero_point_forms": ",".join(forms),
+        "neuqi_export.accuracy_level": str(accuracy_level),
+        "opset.ai.onnx": str(ONNX_OPSET),
+        "opset.com.microsoft": str(MS_OPSET),
+        "ir_version": str(IR_VERSION),
+        "onnxruntime.min_version": MIN_ORT_VERSION,
+    })
+    return model, g
+
+
+def _report(g: DecoderGraph, dtype: str, path: Path, nbytes: int) -> ExportReport:
+    rep = ExportReport(path=path, bytes=nbytes)
+    for name, w in g.reports:
+        note = f"block_size={w.block_size}, zero points {w.zero_point_form}"
+        if w.master_bits != w.bits:
+            note += f", {w.master_bits}-bit codes in a {w.bits}-bit container"
+        if w.K % w.block_size:
+            note += f", ragged last block ({w.K % w.block_size} of {w.block_size})"
+        if dtype == "fp16":
+            note += ", scales/zeros stored fp16"
+        if g.accuracy_level == 4 and w.zero_point_form != "float":
+            note += ", accuracy_level 4: int8 activations at run time"
+        rep.tensors.append(TensorReport(name=name, type=f"MatMulNBits-{w.bits}", exact=True, note=note))
+    for name in g.master.tensors:
+        rep.tensors.append(TensorReport(name=name, type=dtype.upper(), exact=True))
+    return rep
+
+
+def export_onnx(master, out, dtype: str = "fp32", zero_point: str = "fast", accuracy_level: int = ACCURACY_LEVEL_DEFAULT,
+                overwrite: bool = False, external_data: bool | None = None) -> ExportReport:
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise UserError(f"output '{out}' already exists; choose another -o or pass --force")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output '{out}' is a file; the ONNX export writes a directory, choose another -o")
+    model, g = build_model(master, dtype=dtype, zero_point=zero_point, accuracy_level=accuracy_level)
+    external = g.b.init_bytes > EXTERNAL_THRESHOLD if external_data is None else bool(external_data)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        if external:
+            onnx.save_model(model, str(tmp / MODEL_NAME), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=DATA_NAME, size_threshold=1024)
+        else:
+            onnx.save_model(model, str(tmp / MODEL_NAME))
+        cfg = genai_config(master.config, g.d, filename=MODEL_NAME)
+        (tmp / "genai_config.json").write_text(json.dumps(cfg, indent=4) + "\n")
+        if master.tokenizer_dir is not None:
+            for fname in _tokenizer_files():
+                src = Path(master.tokenizer_dir) / fname
+                if src.is_file():
+                    shutil.copy2(src, tmp / fname)
+        nbytes = sum(f.stat().st_size for f in tmp.iterdir() if f.name.startswith(MODEL_NAME))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return _report(g, dtype, out, nbytes)
+
+
+__all__ = ["export_onnx", "build_model", "ACCURACY_LEVEL_DEFAULT", "MODEL_NAME", "DATA_NAME"]

