@@ -100,7 +100,7 @@ def _to(obj, device):
 
 
 @torch.no_grad()
-def capture_block_inputs(model, blocks, windows: torch.Tensor, device) -> tuple[list, dict]:
+def capture_block_inputs(model, blocks, windows: torch.Tensor, device, progress: bool = False) -> tuple[list, dict]:
     """Hidden states entering block 0 for each window (kept on CPU) and the block kwargs."""
     captured, kwargs_box = [], {}
 
@@ -117,7 +117,7 @@ def capture_block_inputs(model, blocks, windows: torch.Tensor, device) -> tuple[
     if rotary is not None:
         rotary.to(device)
     try:
-        for i in range(windows.shape[0]):
+        for i in tqdm(range(windows.shape[0]), desc="calibration", unit="window", disable=not progress, leave=False):
             try:
                 inner(input_ids=windows[i : i + 1].to(device), use_cache=False)
             except _StopForward:
@@ -187,6 +187,8 @@ def quantize_linear(W: torch.Tensor, H: torch.Tensor | None, opts: QuantizeOptio
 def _quantize_block(block, k: int, prefix: str, spec, inputs: list, kwargs: dict, opts: QuantizeOptions, device,
                     bar) -> tuple[dict, dict]:
     records, losses = {}, {}
+    layers = tqdm(total=len(spec.linear_names), desc=f"block {k} linears", unit="linear", leave=False,
+                  disable=bar.disable)
     for subset in spec.subsets:
         first = _submodule(block, subset[0])
         H = None
@@ -216,7 +218,9 @@ def _quantize_block(block, k: int, prefix: str, spec, inputs: list, kwargs: dict
             rec, loss = quantize_linear(W, H, opts)
             lin.weight.data = rec.dequantize().to(device, lin.weight.dtype)
             records[full], losses[full] = rec, loss
-            bar.set_postfix_str(f"{name} loss {loss['hessian']:.3g}")
+            layers.set_postfix_str(f"{name} loss {loss['hessian']:.3g}")
+            layers.update()
+    layers.close()
     return records, losses
 
 
@@ -264,7 +268,7 @@ def quantize_model(model_dir, out, opts: QuantizeOptions, calib_text: str | None
     partial.mkdir(parents=True, exist_ok=True)
     state_file.write_text(json.dumps({"fingerprint": fp, "options": asdict(opts)}))
 
-    inputs, kwargs = capture_block_inputs(model, blocks, windows, device)
+    inputs, kwargs = capture_block_inputs(model, blocks, windows, device, progress=progress and opts.calibrate)
     kwargs = _to(kwargs, device)
 
     records, losses, resumed = {}, {}, 0

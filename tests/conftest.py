@@ -64,6 +64,15 @@ def tiny_qwen2_dir(tmp_path_factory, real_tokenizer) -> Path:
     return _save_tiny(cfg, real_tokenizer, tmp_path_factory.mktemp("tiny_qwen2"), seed=1)
 
 
+@pytest.fixture(scope="session")
+def tiny_mistral_dir(tmp_path_factory, real_tokenizer) -> Path:
+    """A tiny random MistralForCausalLM (untied lm_head)."""
+    from transformers import MistralConfig
+
+    cfg = MistralConfig(vocab_size=len(real_tokenizer), tie_word_embeddings=False, sliding_window=None, **TINY)
+    return _save_tiny(cfg, real_tokenizer, tmp_path_factory.mktemp("tiny_mistral"), seed=2)
+
+
 REAL_QUANT = dict(bits=3, group_size=128, init="neuqi", gptq=True, nsamples=8, seqlen=256)
 REAL_EVAL = dict(seqlen=256, max_windows=8)
 

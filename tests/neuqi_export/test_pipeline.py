@@ -18,7 +18,7 @@ def calib(real_assets):
     return read_text(real_assets.calib_text)
 
 
-@pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_qwen2_dir"])
+@pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_qwen2_dir", "tiny_mistral_dir"])
 def test_quantize_tiny_model_roundtrips_and_evaluates(fixture, request, tmp_path, calib):
     model_dir = request.getfixturevalue(fixture)
     opts = QuantizeOptions(bits=3, group_size=32, init="neuqi", gptq=True, **OPTS)
