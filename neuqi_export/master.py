@@ -9,9 +9,7 @@ with; ones when no calibration); every other tensor as it was.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .atomic import atomic_directory
 from .bitpack import pack_bits, unpack_bits
 from .errors import UserError
 from .quant.grid import dequantize, n_groups
@@ -85,19 +84,8 @@ class MasterCheckpoint:
 
     def save(self, path, overwrite: bool = False) -> Path:
         """Write atomically: build in a temp dir beside `path`, then rename."""
-        path = Path(path)
-        if path.exists() and not overwrite:
-            raise UserError(f"output '{path}' already exists; choose another -o or pass --force")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
+        with atomic_directory(path, overwrite) as tmp:
             self._write(tmp)
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return path
 
     def _write(self, directory: Path) -> None:

@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import onnx
 from onnx import helper
 
 from converters.registry import ExportReport, TensorReport
+from neuqi_export.atomic import atomic_directory
 from neuqi_export.errors import UserError
 
 from .genai import genai_config
@@ -78,9 +77,7 @@ def export_onnx(master, out, dtype: str = "fp32", zero_point: str = "fast", accu
         raise UserError(f"output '{out}' is a file; the ONNX export writes a directory, choose another -o")
     model, g = build_model(master, dtype=dtype, zero_point=zero_point, accuracy_level=accuracy_level)
     external = g.b.init_bytes > EXTERNAL_THRESHOLD if external_data is None else bool(external_data)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out, overwrite=overwrite) as tmp:
         if external:
             onnx.save_model(model, str(tmp / MODEL_NAME), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=DATA_NAME, size_threshold=1024)
@@ -94,12 +91,6 @@ def export_onnx(master, out, dtype: str = "fp32", zero_point: str = "fast", accu
                 if src.is_file():
                     shutil.copy2(src, tmp / fname)
         nbytes = sum(f.stat().st_size for f in tmp.iterdir() if f.name.startswith(MODEL_NAME))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return _report(g, dtype, out, nbytes)
 
 
