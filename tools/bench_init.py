@@ -9,6 +9,13 @@ positive diag(H); the loss does not matter here, only the time. With --rows N on
 of each layer are timed: init_params treats every (row, group) independently with the same per-group
 work, so groups/s measured on the subset is the layer's rate, and the full-layer time is EXTRAPOLATED as
 total groups / rate (the table says so). One untimed warm-up call per configuration.
+
+--impls times the implementations of neuqi/mse side by side: `reference` (the torch path) and `auto` (the
+compiled numba kernel of neuqi_export/quant/fast_cpu.py when numba is installed and the device is the CPU,
+else the torch path). Each configuration reports the MEDIAN of --repeats timed calls, in wall-clock seconds
+and in process CPU seconds (user + system of all threads; on a shared, loaded machine the CPU seconds are the
+steadier measure of the work), and for non-reference implementations the ratio of the summed diag-H loss to
+the reference's and the worst per-group ratio.
 """
 from __future__ import annotations
 
@@ -24,7 +31,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from neuqi_export.quant.params import init_params  # noqa: E402
+from neuqi_export.quant.params import group_loss, init_params  # noqa: E402
+import statistics  # noqa: E402
 
 SHAPES = {"4096x4096": (4096, 4096), "11008x4096": (11008, 4096)}
 
@@ -46,24 +54,35 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def bench_one(out: int, inp: int, rows: int, bits: int, gs: int, method: str, device: str, repeats: int) -> dict:
+def bench_one(out: int, inp: int, rows: int, bits: int, gs: int, method: str, device: str, repeats: int,
+              impl: str = "auto", ref_params=None) -> dict:
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     W = (torch.distributions.StudentT(3.0).sample((rows, inp)) * 0.02).to(device)
     h = (torch.rand(inp, generator=g) ** 3 * 4 + 0.01).to(device)
-    init_params(W[: min(rows, 8)], bits, gs, method, hdiag=h)  # warm-up (allocator, kernels)
+    opts = {} if method == "minmax" else {"impl": impl}
+    init_params(W[: min(rows, 8)], bits, gs, method, hdiag=h, **opts)  # warm-up (allocator, kernels, JIT)
     _sync(device)
-    times = []
+    times, cpu = [], []
     for _ in range(repeats):
-        t = time.perf_counter()
-        init_params(W, bits, gs, method, hdiag=h)
+        t, c = time.perf_counter(), time.process_time()
+        params = init_params(W, bits, gs, method, hdiag=h, **opts)
         _sync(device)
         times.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
     ng = -(-inp // gs)
     groups = rows * ng
-    best = min(times)
-    return dict(groups=groups, seconds=best, rate=groups / best, full_groups=out * ng,
-                full_seconds=out * ng / (groups / best))
+    med = statistics.median(times)
+    r = dict(groups=groups, seconds=med, cpu_seconds=statistics.median(cpu), rate=groups / med,
+             cpu_rate=groups / statistics.median(cpu), full_groups=out * ng, full_seconds=out * ng / (groups / med),
+             params=params, sum_ratio=None, max_ratio=None)
+    if ref_params is not None:
+        hl = h if method == "neuqi" else None
+        lo = group_loss(W.cpu(), params[0].cpu(), params[1].cpu(), bits, gs, None if hl is None else hl.cpu())
+        lr = group_loss(W.cpu(), ref_params[0].cpu(), ref_params[1].cpu(), bits, gs, None if hl is None else hl.cpu())
+        r["sum_ratio"] = float(lo.sum() / lr.sum())
+        r["max_ratio"] = float((lo / lr.clamp_min(1e-300)).max())
+    return r
 
 
 def main(argv=None) -> int:
@@ -75,7 +94,9 @@ def main(argv=None) -> int:
     p.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4])
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--methods", nargs="+", default=["neuqi", "neuqi_int", "minmax"])
-    p.add_argument("--repeats", type=int, default=1, help="timed calls per configuration (best is kept)")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per configuration (the median is reported)")
+    p.add_argument("--impls", nargs="+", default=["auto"], choices=["auto", "reference", "numba"],
+                   help="implementations of neuqi/mse to time (minmax/neuqi_int have one)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = leave torch's default)")
     p.add_argument("--note", default="", help="free text added to the report (e.g. machine load)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "BENCH_INIT.md"))
@@ -92,11 +113,20 @@ def main(argv=None) -> int:
         rows = out if args.rows <= 0 else min(args.rows, out)
         for bits in args.bits:
             for method in args.methods:
-                r = bench_one(out, inp, rows, bits, args.group_size, method, args.device, args.repeats)
-                rows_out.append((shape, bits, method, rows, r))
-                print(f"{shape:>11} {bits}-bit g{args.group_size} {method:>9}: {r['groups']:>7} groups in "
-                      f"{r['seconds']:8.3f} s = {r['rate']:>12,.0f} groups/s; full layer "
-                      f"{'~' if rows < out else ''}{r['full_seconds']:.1f} s", flush=True)
+                ref = None
+                impls = ["-"] if method in ("minmax", "neuqi_int") else args.impls
+                for impl in impls:
+                    r = bench_one(out, inp, rows, bits, args.group_size, method, args.device, args.repeats,
+                                  "auto" if impl == "-" else impl, ref)
+                    if impl == "reference":
+                        ref = r["params"]
+                    rows_out.append((shape, bits, method, impl, rows, r))
+                    extra = "" if r["sum_ratio"] is None else (
+                        f"; loss vs reference: sum x{r['sum_ratio']:.9f}, worst group x{r['max_ratio']:.6f}")
+                    print(f"{shape:>11} {bits}-bit g{args.group_size} {method:>9} {impl:>9}: {r['groups']:>7} groups "
+                          f"in {r['seconds']:8.3f} s = {r['rate']:>10,.0f} groups/s (CPU {r['cpu_seconds']:.3f} s = "
+                          f"{r['cpu_rate']:,.0f} groups/CPU-s); full layer {'~' if rows < out else ''}"
+                          f"{r['full_seconds']:.1f} s{extra}", flush=True)
     lines = [
         "# init_params throughput",
         "",
@@ -106,7 +136,10 @@ def main(argv=None) -> int:
         f"- device: {args.device} — {_device_name(args.device)}",
         f"- torch {torch.__version__}, {torch.get_num_threads()} CPU thread(s), Python {platform.python_version()}",
         f"- date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}",
-        f"- group size {args.group_size}; best of {args.repeats} timed call(s) after one warm-up",
+        f"- group size {args.group_size}; median of {args.repeats} timed call(s) after one warm-up (wall and process "
+        "CPU seconds); impl `reference` = the torch path, `auto` = the numba kernel (fast_cpu.py) if numba is "
+        "installed and the device is the CPU; loss ratio = Σ diag-H loss of the impl / that of `reference` "
+        "(and the worst per-group ratio)",
     ]
     if args.note:
         lines.append(f"- note: {args.note}")
@@ -114,12 +147,14 @@ def main(argv=None) -> int:
         lines.append(f"- **only the first {args.rows} output rows of each layer were timed**; groups/s is measured on "
                      "that subset and the full-layer seconds are extrapolated (total groups / measured rate), "
                      "which is exact in work per group but ignores any batching gains of a larger call")
-    lines += ["", "| layer (out×in) | bits | method | rows timed | groups timed | seconds | groups/s | full layer s |",
-              "|---|---|---|---|---|---|---|---|"]
-    for shape, bits, method, rows, r in rows_out:
+    lines += ["", "| layer (out×in) | bits | method | impl | rows timed | groups timed | seconds | groups/s | "
+              "CPU s | groups/CPU-s | full layer s | loss / reference (sum; worst group) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for shape, bits, method, impl, rows, r in rows_out:
         full = f"{'~' if rows < SHAPES[shape][0] else ''}{r['full_seconds']:.1f}"
-        lines.append(f"| {shape} | {bits} | {method} | {rows} | {r['groups']} | {r['seconds']:.3f} | "
-                     f"{r['rate']:,.0f} | {full} |")
+        ratio = "" if r["sum_ratio"] is None else f"{r['sum_ratio']:.9f}; {r['max_ratio']:.6f}"
+        lines.append(f"| {shape} | {bits} | {method} | {impl} | {rows} | {r['groups']} | {r['seconds']:.3f} | "
+                     f"{r['rate']:,.0f} | {r['cpu_seconds']:.3f} | {r['cpu_rate']:,.0f} | {full} | {ratio} |")
     lines.append("")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines))

@@ -1,0 +1,446 @@
+"""Optional numba fast path for NeUQI's Stage A + Stage B on CPU (NEUQI.md, "Stage A" / "Stage B").
+
+The torch path (`zeropoint.stage_a_sorted` driven by `params._fit_batch`) issues ~100 small tensor ops per
+scale candidate; on a CPU it is dispatch- and memory-bound. Here one compiled loop per (row, group) runs the
+whole scale search (coarse + fine, 96 Stage-A solves by default) in float64 registers/L1, split over
+torch.get_num_threads() Python threads (the kernels release the GIL). Used only when `numba` is importable
+and the weight is on the CPU (`init_params(..., impl="auto")`, the default); otherwise, and with
+``impl="reference"``, the torch path runs. Same method, same grids, same tie rules as the torch path:
+
+- Stage A, surrogate: x sorted once per group (x = (w - min)/s keeps the order of w), so both event lists
+  `-½ - x_j` and `L - ½ - x_j` are already sorted; a two-pointer merge walks the intervals of the convex
+  piecewise quadratic and stops at the first interval whose derivative at its right end is >= 0 (ties: the
+  high-clip event first; a flat interval gives its left end) → Z₁.
+- Stage A, exact window `[Z₁ - 1, Z₁ + 1]` (δ = Z − Z₁ + 1 ∈ [0, 2]): every element with a code change in
+  the window crosses first at `d_j ∈ (0, 1]` and again at `d_j + 1`; `f(δ) = f(0) + T0 δ² + 2∫A1` with the
+  running sum `A1` dropping by `h_j` at each event. The window is cut into 64 bins: f at every bin edge
+  needs only the per-bin sums Σh, Σh·e of its events (no sort), and `A1 >= A1(bin end)` inside a bin gives a
+  lower bound of f there; only the bins whose bound beats the best value already found (bin edges included)
+  are swept exactly, their few events insertion-sorted. f is accumulated by exact per-interval increments in
+  float64; when the minimum is within ~1e-7 of that accumulation's rounding scale (near-lattice groups) it is
+  re-evaluated element by element.
+- Stage B: s = s₀·i/C (i = C down to 1; ties resolved towards the smaller i as the torch path's ascending
+  strict `<` does), then s_c + s₀·j/D (j = −F..F, j ≠ 0, s > 0); every candidate scale is rounded to float32
+  first (the stored precision), so the loss compared is the loss of the stored scale. Coarse scales past the
+  optimum (losses rising again) are first checked against a convex lower bound of their loss (the clipping
+  distances beyond ±½ of the code range, minimised over Z by the same walk as the surrogate); a scale whose
+  bound is strictly above the best loss found is skipped: it cannot be the argmin, so the result is the same
+  as without pruning (tested).
+
+Everything is float64 inside (the torch path is float32), so on near-ties the two may pick different
+(equally good within float32 rounding) candidates; the tests bound the per-group loss against the torch path
+and the brute-force references.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+try:  # optional dependency
+    import numba
+    from numba import njit
+    HAVE_NUMBA = True
+except Exception:  # pragma: no cover - exercised when numba is absent
+    numba = None
+    HAVE_NUMBA = False
+
+
+if HAVE_NUMBA:
+
+    @njit(cache=True, fastmath=False, nogil=True)
+    def _stage_a(x, h, T0, L, ws_f, ws_i):
+        """x (G,) ascending float64, h (G,) >= 0 aligned, T0 = Σ h > 0. Returns (Z*, f(Z*)) with f = Σ h e²
+        (not divided by T0). ws_f (6G + 700,) float64 and ws_i (2G + 80,) int64: scratch."""
+        G = x.shape[0]
+        nbu = 32
+        invT0 = 1.0 / T0
+        keys = ws_f[0:G]
+        dA = ws_f[G:2 * G]
+        dB = ws_f[2 * G:3 * G]
+        ek = ws_f[3 * G:4 * G + 1]
+        eh = ws_f[4 * G + 1:5 * G + 2]
+        o = 5 * G + 2
+        Hb = ws_f[o:o + 2 * nbu]
+        HEb = ws_f[o + 2 * nbu:o + 4 * nbu]
+        fb = ws_f[o + 4 * nbu:o + 6 * nbu]
+        Ab = ws_f[o + 6 * nbu:o + 8 * nbu]
+        lb = ws_f[o + 8 * nbu:o + 10 * nbu]
+        bins = ws_i[0:G]
+        order = ws_i[G:2 * G]
+        start = ws_i[2 * G:2 * G + nbu + 1]
+        Lm1 = L - 1.0
+        # ---------------- surrogate: g'(Z)/2 = a Z + b ----------------
+        a = T0
+        b = 0.0
+        for j in range(G):
+            b += h[j] * x[j]
+        n_low = G
+        n_high = 0
+        i1 = G - 1  # next element to leave the low-clip region (descending x)
+        i2 = G - 1  # next element to enter the high-clip region
+        prev = -np.inf
+        z1 = 0.0
+        while True:
+            if i2 >= 0:
+                e2 = (L - 0.5) - x[i2]
+            else:
+                e2 = np.inf
+            if i1 >= 0:
+                e1 = -0.5 - x[i1]
+            else:
+                e1 = np.inf
+            if e2 <= e1:
+                e = e2
+                is2 = True
+            else:
+                e = e1
+                is2 = False
+            if e == np.inf or a * e + b >= 0.0:
+                if a > 0.0:
+                    z = -b / a
+                    if z < prev:
+                        z = prev
+                    if z > e:
+                        z = e
+                    z1 = z
+                else:
+                    z1 = prev
+                break
+            if is2:
+                a += h[i2]
+                b += h[i2] * (x[i2] - Lm1)
+                n_high += 1
+                i2 -= 1
+            else:
+                a -= h[i1]
+                b -= h[i1] * x[i1]
+                n_low -= 1
+                i1 -= 1
+            if n_low == 0 and n_high == 0:
+                a = 0.0
+                b = 0.0
+            prev = e
+        # ---------------- exact minimum on [z1 - 1, z1 + 1] ----------------
+        # δ = Z - lo ∈ [0, 2]; f(δ) = f(0) + T0 δ² + 2 ∫_0^δ A1, A1 non-increasing (drops by h_j at each event).
+        # The window is cut into NB bins; f at every bin edge needs only per-bin sums Σh, Σh·e of the events
+        # (∫ A1 over a bin = A1_start·width − Σ_e h (r − e)), no sort. Within a bin, A1 >= A1_end gives a lower
+        # bound of f; only bins whose bound beats the best value found so far are swept exactly (their few
+        # events insertion-sorted).
+        lo = z1 - 1.0
+        NB = nbu * 2
+        width = 1.0 / nbu
+        A1 = 0.0
+        f0 = 0.0
+        for c in range(NB):
+            Hb[c] = 0.0
+            HEb[c] = 0.0
+        for c in range(nbu + 1):
+            start[c] = 0
+        for j in range(G):
+            v = x[j] + lo
+            k1 = np.floor(v + 0.5)
+            q0 = k1
+            if q0 < 0.0:
+                q0 = 0.0
+            elif q0 > Lm1:
+                q0 = Lm1
+            r0 = v - q0
+            hj = h[j]
+            A1 += hj * r0
+            f0 += hj * r0 * r0
+            bins[j] = -1
+            if k1 >= -1.0 and k1 <= L - 2.0 and hj != 0.0:
+                d = (k1 + 0.5) - v
+                if d < 0.0:
+                    d = 0.0
+                elif d > 1.0:
+                    d = 1.0
+                keys[j] = d
+                bk = int(d * nbu)
+                if bk >= nbu:
+                    bk = nbu - 1
+                bins[j] = bk
+                start[bk + 1] += 1
+                if k1 >= 0.0:  # first crossing changes the clamped code (k1 <= L-2 here)
+                    Hb[bk] += hj
+                    HEb[bk] += hj * d
+                    dA[j] = hj
+                else:
+                    dA[j] = 0.0
+                if k1 <= L - 3.0:  # second crossing (at d + 1) changes it too
+                    Hb[nbu + bk] += hj
+                    HEb[nbu + bk] += hj * (d + 1.0)
+                    dB[j] = hj
+                else:
+                    dB[j] = 0.0
+        for c in range(nbu):
+            start[c + 1] += start[c]
+        for j in range(G):
+            bk = bins[j]
+            if bk >= 0:
+                order[start[bk]] = j
+                start[bk] += 1
+        for c in range(nbu, 0, -1):  # start[c] now holds the end of bin c: shift back to starts
+            start[c] = start[c - 1]
+        start[0] = 0
+        best_v = f0
+        best_d = 0.0
+        fl = f0
+        A = A1
+        for c in range(NB):
+            l = c * width
+            r = (c + 1) * width
+            fb[c] = fl
+            Ab[c] = A
+            Aend = A - Hb[c]
+            dd = -Aend * invT0
+            if dd < l:
+                dd = l
+            elif dd > r:
+                dd = r
+            lb[c] = fl + (dd - l) * (T0 * (dd + l) + 2.0 * Aend)
+            fl = fl + (r - l) * (T0 * (r + l) + 2.0 * A) - 2.0 * (r * Hb[c] - HEb[c])
+            A = Aend
+            if fl < best_v:
+                best_v = fl
+                best_d = r
+        # sweep the bins whose lower bound beats the best value found so far
+        for c in range(NB):
+            if not lb[c] < best_v:
+                continue
+            ph = 0 if c < nbu else 1
+            bk = c - ph * nbu
+            m = 0
+            for p in range(start[bk], start[bk + 1]):
+                j = order[p]
+                w = dA[j] if ph == 0 else dB[j]
+                if w != 0.0:
+                    e = keys[j] + ph
+                    q = m - 1
+                    while q >= 0 and ek[q] > e:
+                        ek[q + 1] = ek[q]
+                        eh[q + 1] = eh[q]
+                        q -= 1
+                    ek[q + 1] = e
+                    eh[q + 1] = w
+                    m += 1
+            l = c * width
+            fl = fb[c]
+            A = Ab[c]
+            for p in range(m + 1):
+                r = ek[p] if p < m else (c + 1) * width
+                dd = -A * invT0
+                if dd < l:
+                    dd = l
+                elif dd > r:
+                    dd = r
+                val = fl + (dd - l) * (T0 * (dd + l) + 2.0 * A)
+                if val < best_v:
+                    best_v = val
+                    best_d = dd
+                fl = fl + (r - l) * (T0 * (r + l) + 2.0 * A)
+                l = r
+                if p < m:
+                    A -= eh[p]
+        z = lo + best_d
+        # the increments carry an absolute rounding of ~1e-16 x (f(0) + T0 + |A1|): when the minimum is not
+        # far above that (near-lattice groups), evaluate f at z element by element instead
+        if best_v < 1e-7 * (f0 + 4.0 * T0 + 4.0 * abs(A1)):
+            f = 0.0
+            for j in range(G):
+                u = x[j] + z
+                q = np.round(u)
+                if q < 0.0:
+                    q = 0.0
+                elif q > Lm1:
+                    q = Lm1
+                e = u - q
+                f += h[j] * e * e
+            return z, f
+        return z, best_v
+
+    @njit(cache=True, nogil=True)
+    def _clip_lower_bound(x, h, T0, L):
+        """min over Z of Σ h φ(x + Z) with φ(u) = (u + ½)² below −½, 0 on [−½, L − ½], (u − L + ½)² above:
+        a convex lower bound of f (an element below −½ is at least |u + ½| from code 0, above L − ½ at
+        least that far from L − 1). Same merged-event walk as the surrogate."""
+        G = x.shape[0]
+        a = T0
+        b = 0.0
+        for j in range(G):
+            b += h[j] * (x[j] + 0.5)
+        n_low = G
+        n_high = 0
+        i1 = G - 1
+        i2 = G - 1
+        prev = -np.inf
+        z1 = 0.0
+        while True:
+            e2 = (L - 0.5) - x[i2] if i2 >= 0 else np.inf
+            e1 = -0.5 - x[i1] if i1 >= 0 else np.inf
+            is2 = e2 <= e1
+            e = e2 if is2 else e1
+            if e == np.inf or a * e + b >= 0.0:
+                if a > 0.0:
+                    z = -b / a
+                    if z < prev:
+                        z = prev
+                    if z > e:
+                        z = e
+                    z1 = z
+                else:
+                    z1 = prev
+                break
+            if is2:
+                a += h[i2]
+                b += h[i2] * (x[i2] - (L - 0.5))
+                n_high += 1
+                i2 -= 1
+            else:
+                a -= h[i1]
+                b -= h[i1] * (x[i1] + 0.5)
+                n_low -= 1
+                i1 -= 1
+            if n_low == 0 and n_high == 0:
+                a = 0.0
+                b = 0.0
+            prev = e
+        f = 0.0
+        for j in range(G):
+            u = x[j] + z1
+            if u < -0.5:
+                f += h[j] * (u + 0.5) * (u + 0.5)
+            elif u > L - 0.5:
+                f += h[j] * (u - (L - 0.5)) * (u - (L - 0.5))
+        return f
+
+    @njit(cache=True, nogil=True)
+    def _search_group(xr, h, s0, L, C, F, D, xs, wsf, wsi, prune):
+        """One group: xr (G,) = sorted w - min (float64, >= 0), h normalised. Returns (s, zr) with zr the
+        zero-point relative to min (Z = zr - min/s) and the best loss."""
+        G = xr.shape[0]
+        T0 = 0.0
+        for j in range(G):
+            T0 += h[j]
+        best = np.inf
+        best_s = s0
+        best_z = 0.0
+        # coarse scales from the largest (i = C, the Min-Max scale) down: once the losses have passed the
+        # optimum, the strongly clipping small scales are pruned by a lower bound of their loss. Ties go to
+        # the smallest i (`<=` in descending order), as the ascending strict `<` of the torch path does.
+        rising = False
+        for i in range(C, 0, -1):
+            s = np.float64(np.float32(np.float32(s0) * np.float32(i / C)))
+            for j in range(G):
+                xs[j] = xr[j] / s
+            # the bound is tried only once the losses rise again (past the optimum), where it usually prunes
+            if prune and rising and s * s * _clip_lower_bound(xs, h, T0, L) > best * (1.0 + 1e-9):
+                continue  # strictly worse than a candidate already evaluated: never the argmin
+            z, f = _stage_a(xs, h, T0, L, wsf, wsi)
+            loss = s * s * f
+            rising = loss > best
+            if loss <= best:
+                best = loss
+                best_s = s
+                best_z = z
+        s_c = best_s
+        for jf in range(-F, F + 1):
+            if jf == 0:
+                continue
+            s = np.float64(np.float32(np.float32(s_c) + np.float32(s0) * np.float32(jf / D)))
+            if not s > 0.0:
+                continue
+            for j in range(G):
+                xs[j] = xr[j] / s
+            z, f = _stage_a(xs, h, T0, L, wsf, wsi)
+            loss = s * s * f
+            if loss < best:
+                best = loss
+                best_s = s
+                best_z = z
+        return best_s, best_z, best
+
+    @njit(cache=True, nogil=True)
+    def _search_all(ws, hs, s0, L, C, F, D, prune, out_s, out_z):
+        N, G = ws.shape
+        for g in range(N):
+            xr = np.empty(G, np.float64)
+            h = np.empty(G, np.float64)
+            xs = np.empty(G, np.float64)
+            wsf = np.empty(6 * G + 700, np.float64)
+            wsi = np.empty(2 * G + 80, np.int64)
+            wmin = np.float64(ws[g, 0])
+            for j in range(G):
+                xr[j] = np.float64(ws[g, j]) - wmin
+                h[j] = hs[g, j]
+            s, zr, _ = _search_group(xr, h, np.float64(s0[g]), L, C, F, D, xs, wsf, wsi, prune)
+            out_s[g] = s
+            out_z[g] = zr - wmin / s
+
+    @njit(cache=True, nogil=True)
+    def _stage_a_all(xsorted, hs, L, out_z, out_f):
+        N, G = xsorted.shape
+        for g in range(N):
+            x = np.empty(G, np.float64)
+            h = np.empty(G, np.float64)
+            wsf = np.empty(6 * G + 700, np.float64)
+            wsi = np.empty(2 * G + 80, np.int64)
+            T0 = 0.0
+            for j in range(G):
+                x[j] = xsorted[g, j]
+                h[j] = hs[g, j]
+                T0 += h[j]
+            z, f = _stage_a(x, h, T0, L, wsf, wsi)
+            out_z[g] = z
+            out_f[g] = f / T0
+
+
+def _run_split(fn, N: int, *arrays_then_scalars_and_outs):
+    """Run fn(*args) over row slices [a, b) of every array argument, on torch.get_num_threads() Python
+    threads (the kernels release the GIL). Python threads instead of numba's parallel=True: its OpenMP
+    layer kept spinning threads that slowed torch's own OpenMP ops afterwards by 10x+ on a 2-core box."""
+    import torch
+    n = max(1, min(int(torch.get_num_threads()), os.cpu_count() or 1, N // 16 or 1))
+    if n == 1:
+        fn(*arrays_then_scalars_and_outs)
+        return
+    bounds = [N * i // n for i in range(n + 1)]
+
+    def part(i):
+        a, b = bounds[i], bounds[i + 1]
+        fn(*[t[a:b] if isinstance(t, np.ndarray) and t.ndim >= 1 and t.shape[0] == N else t
+             for t in arrays_then_scalars_and_outs])
+
+    with ThreadPoolExecutor(n) as ex:
+        list(ex.map(part, range(n)))
+
+
+def search_scales(ws, hs, s0, bits: int, coarse: int, fine: int, fine_div: int, prune: bool = True):
+    """ws (N, G) float32 sorted ascending per row, hs (N, G) normalised importances aligned with ws,
+    s0 (N,) > 0 (torch CPU tensors). Returns (s, z) float32 (N,) torch tensors (z absolute: for w)."""
+    import torch
+    w = np.ascontiguousarray(ws.numpy(), dtype=np.float32)
+    h = np.ascontiguousarray(hs.numpy(), dtype=np.float32)
+    s0n = np.ascontiguousarray(s0.numpy(), dtype=np.float32)
+    N = w.shape[0]
+    out_s = np.empty(N, np.float64)
+    out_z = np.empty(N, np.float64)
+    _run_split(_search_all, N, w, h, s0n, float(1 << bits), int(coarse), int(fine), int(fine_div), bool(prune), out_s, out_z)
+    return torch.from_numpy(out_s).to(torch.float32), torch.from_numpy(out_z).to(torch.float32)
+
+
+def stage_a(x_sorted, h, bits: int):
+    """Stage A alone (for tests): x_sorted (N, G) ascending, h (N, G) >= 0 with Σ h > 0 per row.
+    Returns (Z, f) float64 numpy (N,), f normalised by Σ h."""
+    x = np.ascontiguousarray(np.asarray(x_sorted, dtype=np.float64))
+    hh = np.ascontiguousarray(np.asarray(h, dtype=np.float64))
+    N = x.shape[0]
+    out_z = np.empty(N, np.float64)
+    out_f = np.empty(N, np.float64)
+    _run_split(_stage_a_all, N, x, hh, float(1 << bits), out_z, out_f)
+    return out_z, out_f
+
+
+__all__ = ["HAVE_NUMBA", "search_scales", "stage_a"]

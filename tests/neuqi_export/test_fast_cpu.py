@@ -1,0 +1,136 @@
+"""The optional numba fast path (neuqi_export/quant/fast_cpu.py) against the float64 brute force of Stage A and
+against the torch reference implementation of init_params (impl="reference")."""
+import numpy as np
+import pytest
+import torch
+
+from neuqi_export.errors import UserError
+from neuqi_export.quant import fast_cpu, params
+from neuqi_export.quant.grid import n_groups
+from neuqi_export.quant.params import group_loss, init_params
+
+from test_zeropoint import KINDS, _case, brute_force
+
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+def test_numba_fast_path_is_available():
+    """numba is a declared dependency: CI must exercise the fast path, never skip it."""
+    assert fast_cpu.HAVE_NUMBA
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _heavy(out, inp, seed=0, scale=0.02):
+    torch.manual_seed(seed)
+    return torch.distributions.StudentT(3.0).sample((out, inp)) * scale
+
+
+def _hdiag(inp, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(inp, generator=g) ** 3 * 4 + 0.01
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_stage_a_matches_brute_force(bits):
+    rng = np.random.default_rng(200 + bits)
+    L = 1 << bits
+    n_each = 4 if bits == 8 else 8
+    for G in (7, 32, 128):
+        cases = [_case(rng, k, G, bits) for k in KINDS for _ in range(n_each)]
+        xs, hs = [], []
+        for x, h in cases:
+            o = np.argsort(x, kind="stable")
+            h = h[o].astype(np.float64)
+            xs.append(x[o].astype(np.float64))
+            hs.append(h if h.sum() > 0 else np.ones_like(h))
+        z, f = fast_cpu.stage_a(np.stack(xs), np.stack(hs), bits)
+        for i, (x, h) in enumerate(cases):
+            ref = brute_force(x, h, bits)
+            atol = float((4 * EPS32 * (float(np.abs(x).max()) + L)) ** 2 * 1e-6)  # float64 work: far below float32 rounding
+            assert f[i] >= ref * (1 - 1e-9) - atol, (KINDS[i // n_each], G, f[i], ref)
+            assert f[i] <= ref * (1 + 1e-9) + atol, (KINDS[i // n_each], G, f[i], ref)
+            # f is the objective at the returned zero-point (accumulated by increments: absolute error ~1e-16)
+            u = x.astype(np.float64) + z[i]
+            e = u - np.clip(np.round(u), 0, L - 1)
+            hn = hs[i] / hs[i].sum()
+            np.testing.assert_allclose(f[i], (hn * (e * e)[np.argsort(x, kind="stable")]).sum(), rtol=1e-9,
+                                       atol=1e-14)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("gs", [32, 128, -1])
+def test_init_params_matches_reference(bits, gs):
+    """Per group the fast path's loss equals the torch reference's within float rounding or is lower, and the
+    sum is never worse. (Ragged last group for 32/128; h with zeros; constant groups.)"""
+    W = _heavy(12, 328, seed=bits * 3 + (gs % 7))
+    W[0, :32] = 0.0
+    W[1, 32:64] = 0.37
+    h = _hdiag(328, seed=bits)
+    h[::5] = 0.0
+    ng = n_groups(328, gs)
+    for method in ("neuqi", "mse"):
+        hd = h if method == "neuqi" else None
+        fs, fz = init_params(W, bits, gs, method, hdiag=h, impl="numba")
+        rs, rz = init_params(W, bits, gs, method, hdiag=h, impl="reference")
+        assert fs.shape == fz.shape == (12, ng) and fs.dtype == fz.dtype == torch.float32
+        assert torch.all(fs > 0) and torch.all(torch.isfinite(fz))
+        lf = group_loss(W, fs, fz, bits, gs, hd)
+        lr = group_loss(W, rs, rz, bits, gs, hd)
+        mm = group_loss(W, *init_params(W, bits, gs, "minmax"), bits, gs, hd)
+        assert torch.all(lf <= lr * (1 + 1e-4) + 1e-30), (method, (lf / lr).max())
+        assert lf.sum() <= lr.sum() * (1 + 1e-7)
+        assert torch.all(lf <= mm * (1 + 1e-5) + 1e-30)
+
+
+def test_real_shaped_layer_loss_ratio():
+    W = _heavy(64, 640, seed=1)
+    h = _hdiag(640, seed=1)
+    for bits in (2, 3, 4):
+        lf = group_loss(W, *init_params(W, bits, 128, "neuqi", hdiag=h), bits, 128, h)
+        lr = group_loss(W, *init_params(W, bits, 128, "neuqi", hdiag=h, impl="reference"), bits, 128, h)
+        ratio = lf / lr
+        assert ratio.max() <= 1 + 1e-4, ratio.max()
+        assert lf.sum() <= lr.sum() * (1 + 1e-7)
+        assert (ratio - 1).abs().median() < 1e-5  # the same optimum, not merely a close one
+
+
+def test_pruning_threads_chunks_and_determinism():
+    W = _heavy(16, 512, seed=3)
+    h = _hdiag(512, seed=3)
+    from neuqi_export.quant.params import _prep
+    for bits in (2, 4):
+        L = 1 << bits
+        ws, hs, _, s0, _ = _prep(W.reshape(-1, 128), h.reshape(4, 128).repeat(16, 1), L)
+        a = fast_cpu.search_scales(ws, hs, s0, bits, 64, 16, 2048, prune=True)
+        b = fast_cpu.search_scales(ws, hs, s0, bits, 64, 16, 2048, prune=False)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])  # the lower-bound pruning is exact
+    base = init_params(W, 3, 128, "neuqi", hdiag=h)
+    torch.set_num_threads(2)
+    try:
+        two = init_params(W, 3, 128, "neuqi", hdiag=h)  # split over 2 Python threads
+    finally:
+        torch.set_num_threads(1)
+    small = init_params(W, 3, 128, "neuqi", hdiag=h, chunk_elems=300)
+    again = init_params(W, 3, 128, "neuqi", hdiag=h)
+    for other in (two, small, again):
+        assert torch.equal(base[0], other[0]) and torch.equal(base[1], other[1])
+
+
+def test_impl_option(monkeypatch):
+    W = _heavy(4, 128, seed=5)
+    with pytest.raises(UserError, match="impl"):
+        init_params(W, 3, 64, "neuqi", impl="cuda")
+    ref = init_params(W, 3, 64, "neuqi", impl="reference")
+    monkeypatch.setattr(fast_cpu, "HAVE_NUMBA", False)
+    with pytest.raises(UserError, match="numba"):
+        init_params(W, 3, 64, "neuqi", impl="numba")
+    auto = init_params(W, 3, 64, "neuqi")  # without numba: the torch path
+    assert torch.equal(auto[0], ref[0]) and torch.equal(auto[1], ref[1])
+    assert params.IMPLS == ("auto", "reference", "numba")
