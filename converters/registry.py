@@ -23,6 +23,7 @@ class ExportReport:
     path: Path
     bytes: int
     tensors: list[TensorReport] = field(default_factory=list)
+    advice: str = ""  # one line for the user (e.g. how to avoid the refits), printed after the tensors
 
     def summary(self) -> str:
         exact = sum(t.exact for t in self.tensors)
@@ -30,6 +31,8 @@ class ExportReport:
         lines = [f"wrote {self.path} ({self.bytes / 2**20:.1f} MiB): {exact} tensors exact, {len(refit)} refit"]
         for t in refit:
             lines.append(f"  refit {t.name}: {t.type}, added weighted error {t.added_error:.4g} {t.note}".rstrip())
+        if self.advice:
+            lines.append(self.advice)
         return "\n".join(lines)
 
 
@@ -53,10 +56,34 @@ def load_all() -> dict[str, Exporter]:
     """Import every converter module so that it registers (optional ones that fail to import are skipped)."""
     import importlib
 
-    for mod in ("converters.gguf", "converters.onnx"):
+    for mod in ("converters.gguf", "converters.onnx", "converters.mlx", "converters.compressed_tensors"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as exc:
             if not exc.name or not exc.name.startswith("converters"):
                 raise
     return EXPORTERS
+
+
+def write_safetensors_dir(out, tensors: dict, config: dict, tokenizer_dir, metadata: dict) -> int:
+    """Write model.safetensors + config.json + the tokenizer files as directory `out`, all-or-nothing
+    (replacing an existing `out`; callers check --force first). Returns the directory's size in bytes."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from neuqi_export.atomic import atomic_directory
+    from neuqi_export.master import TOKENIZER_FILES
+
+    out = Path(out)
+    with atomic_directory(out, overwrite=True) as tmp:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata=metadata)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if tokenizer_dir is not None:
+            for fname in TOKENIZER_FILES:
+                src = Path(tokenizer_dir) / fname
+                if src.is_file():
+                    shutil.copy2(src, tmp / fname)
+    return sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+

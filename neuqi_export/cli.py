@@ -140,6 +140,8 @@ def cmd_eval(args) -> int:
         scorer = runtime.load(path)
         result = perplexity_from_logits_fn(scorer.logits, windows, progress=not args.quiet)
         kind = runtime.name
+        if kind == "transformers" and '"quant_method": "neuqi"' in (path / "config.json").read_text():
+            kind = "master checkpoint (dequantized, transformers)"
     else:
         cfg_file = path / "config.json"
         is_master = cfg_file.is_file() and '"quant_method": "neuqi"' in cfg_file.read_text()

@@ -34,7 +34,7 @@ def register(runtime: Runtime) -> Runtime:
 def load_all() -> dict[str, Runtime]:
     import importlib
 
-    for mod in ("runtimes.llamacpp", "runtimes.onnxruntime"):
+    for mod in ("runtimes.llamacpp", "runtimes.onnxruntime", "runtimes.mlx", "runtimes.transformers"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as exc:

@@ -90,6 +90,19 @@ def real_master_dir(tmp_path_factory, real_assets) -> Path:
 
 
 @pytest.fixture(scope="session")
+def real_master_int_dir(tmp_path_factory, real_assets) -> Path:
+    """SmolLM2-135M, 4-bit g128 NeUQI with integer zero-points (neuqi_int) + GPTQ: what integer-zero-point
+    formats (compressed-tensors) hold exactly."""
+    from neuqi_export.data import read_text
+    from neuqi_export.pipeline import QuantizeOptions, quantize_model
+
+    out = tmp_path_factory.mktemp("real_int") / "smollm2-4bit-int"
+    quantize_model(real_assets.model_dir, out, QuantizeOptions(**dict(REAL_QUANT, bits=4, init="neuqi_int", nsamples=4)),
+                   calib_text=read_text(real_assets.calib_text), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
 def real_eval_windows(real_assets, real_tokenizer):
     from neuqi_export.data import eval_windows, read_text
 

