@@ -37,6 +37,35 @@ def _add_fetch(sub) -> None:
     p.add_argument("--force", action="store_true", help="rebuild the cache")
 
 
+def _add_distill(sub) -> None:
+    p = sub.add_parser("distill", help="distil a master checkpoint's scales, zero-points and norms against the original model")
+    p.add_argument("master", help="master checkpoint (from `neuqi-export quantize`)")
+    p.add_argument("--teacher", required=True, help="the original HF model directory the master was quantized from")
+    p.add_argument("--text", default="auto", help="training text file; 'auto' (default) = the fetched Wikipedia lead sections")
+    p.add_argument("-o", "--output", required=True, help="distilled master checkpoint directory to write")
+    p.add_argument("--nsamples", type=int, default=None, help="training windows (paper: 256; default 64 on CPU)")
+    p.add_argument("--seqlen", type=int, default=None, help="tokens per window (paper: 2048; default 512 on CPU)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps, batch 1 (default: one epoch = nsamples)")
+    p.add_argument("--lr", type=float, default=3e-4, help="AdamW peak learning rate (paper: 3e-4)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when present)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="fetch SmolLM2-135M, quantize it 3-bit, export every format, score each in its runtime")
+    p.add_argument("-o", "--output", default="neuqi-demo", help="output directory (default ./neuqi-demo)")
+    p.add_argument("--nsamples", type=int, default=16, help="calibration windows (default 16)")
+    p.add_argument("--seqlen", type=int, default=512, help="calibration and evaluation window length (default 512)")
+    p.add_argument("--eval-windows", type=int, default=16, help="evaluation windows (default 16)")
+    p.add_argument("--formats", nargs="+", default=None, help="export formats (default: every registered one)")
+    p.add_argument("--score-budget", type=float, default=150.0,
+                   help="seconds of scoring per export; a slower runtime is scored on the leading windows (default 150)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def _add_quant_options(p) -> None:
     p.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default 4)")
     p.add_argument("--group-size", type=int, default=128, help="power of two, or -1 for per-channel (default 128)")
@@ -189,6 +218,37 @@ def cmd_convert(args) -> int:
         return cmd_export(args)
 
 
+def cmd_distill(args) -> int:
+    from .data import read_text
+    from .distill import DistillOptions, distill
+
+    opts = DistillOptions(nsamples=args.nsamples, seqlen=args.seqlen, steps=args.steps, lr=args.lr, seed=args.seed)
+    text = read_text(_text_path(args.text, "calib"))
+    try:
+        summary = distill(args.master, _model_path(args.teacher), text, args.output, opts, device=args.device,
+                          force=args.force, progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(f"neuqi-export: interrupted; re-run the same command to resume from the last checkpoint "
+              f"(every {opts.checkpoint_every} steps, in {args.output}.partial)", file=sys.stderr)
+        return 130
+    print(summary)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import DemoOptions, run_demo
+
+    command = (f"neuqi-export demo -o {args.output} --nsamples {args.nsamples} --seqlen {args.seqlen} "
+               f"--eval-windows {args.eval_windows} --score-budget {args.score_budget:g}"
+               + (f" --formats {' '.join(args.formats)}" if args.formats else ""))
+    run_demo(DemoOptions(out=Path(args.output), nsamples=args.nsamples, seqlen=args.seqlen,
+                         eval_windows=args.eval_windows, formats=args.formats, force=args.force,
+                         score_budget_s=args.score_budget,
+                         progress=not args.quiet), command=command)
+    return 0
+
+
 def cmd_fetch(args) -> int:
     from .assets import fetch_assets
 
@@ -198,7 +258,7 @@ def cmd_fetch(args) -> int:
 
 
 COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "fetch": cmd_fetch, "export": cmd_export,
-            "convert": cmd_convert}
+            "convert": cmd_convert, "distill": cmd_distill, "demo": cmd_demo}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quantize(sub)
     _add_eval(sub)
     _add_fetch(sub)
+    _add_distill(sub)
+    _add_demo(sub)
     from converters.registry import load_all
 
     _add_export(sub, load_all())

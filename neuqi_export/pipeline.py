@@ -23,6 +23,7 @@ from .errors import UserError
 from .gptq import gptq_quantize, weighted_error
 from .hessian import HessianAccumulator
 from .master import MasterCheckpoint, QuantizedLinear
+from .partial import discard_stale, mark, partial_dir
 from .quant.grid import dequantize, quantize_codes
 from .quant.params import init_params
 
@@ -254,19 +255,10 @@ def quantize_model(model_dir, out, opts: QuantizeOptions, calib_text: str | None
     else:
         windows = torch.zeros(1, 2, dtype=torch.long)  # one tiny window: only shapes flow, no H is collected
 
-    partial = out.parent / (out.name + ".partial")
+    partial = partial_dir(out)
     fp = _fingerprint(model_dir, opts, calib_text)
-    state_file = partial / "state.json"
-    if partial.exists():
-        try:
-            same = json.loads(state_file.read_text()).get("fingerprint") == fp
-        except (OSError, json.JSONDecodeError):
-            same = False
-        if not same:
-            tqdm.write(f"discarding unfinished run in {partial} (different inputs or options); starting clean")
-            shutil.rmtree(partial)
-    partial.mkdir(parents=True, exist_ok=True)
-    state_file.write_text(json.dumps({"fingerprint": fp, "options": asdict(opts)}))
+    discard_stale(partial, fp)
+    mark(partial, fp, asdict(opts))
 
     inputs, kwargs = capture_block_inputs(model, blocks, windows, device, progress=progress and opts.calibrate)
     kwargs = _to(kwargs, device)
