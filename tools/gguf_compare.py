@@ -130,6 +130,9 @@ def main() -> None:
     ap.add_argument("--types", nargs="+", default=["Q2_K", "Q3_K_M", "Q4_K_M"])
     ap.add_argument("--init", default="neuqi")
     ap.add_argument("--no-gptq", action="store_true")
+    ap.add_argument("--master-bits", nargs="+", default=["auto"],
+                    help="master widths for our rows: 'auto' (the smallest width the preset's types hold) and/or "
+                         "numbers; one 'ours' row per distinct width (default: auto)")
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--nsamples", type=int, default=128, help="calibration windows (ours and llama-imatrix --chunks)")
     ap.add_argument("--seqlen", type=int, default=512, help="calibration window (ours) = llama-imatrix -c")
@@ -174,9 +177,9 @@ def main() -> None:
         print(key, res, flush=True)
         return res
 
-    def get_master(preset: str) -> Path:
-        per_module = "module_bits" in {f.name for f in fields(QuantizeOptions)}
-        bits = 4 if per_module else master_bits(preset, config)
+    def get_master(preset: str, want: str = "auto") -> Path:
+        per_module = "module_bits" in {f.name for f in fields(QuantizeOptions)} and want == "auto"
+        bits = 4 if per_module else (master_bits(preset, config) if want == "auto" else int(want))
         key = f"master-{tag}-" + (f"{preset}-mixed" if per_module else f"{bits}bit")
         out = work / key
         label = f"{preset} widths" if per_module else f"{bits}-bit"
@@ -210,21 +213,21 @@ def main() -> None:
 
     for preset in args.types:
         mdir, mlabel = get_master(preset)
-        master = None
+        masters = {mdir: mlabel}
+        for want in args.master_bits:
+            masters.setdefault(*get_master(preset, want))
+        for odir, olabel in masters.items():
+            def ours(preset=preset, odir=odir):
+                out = work / f"ours-{odir.name}-{preset}.gguf"
+                if not out.exists():
+                    t0 = time.time()
+                    rep = export_gguf(MasterCheckpoint.load(odir), out, preset=preset)
+                    (work / f"{out.stem}.report.txt").write_text(rep.summary())
+                    print(f"  export {preset}: {time.time() - t0:.0f} s", flush=True)
+                return out
 
-        def ours(preset=preset, mdir=mdir):
-            nonlocal master
-            out = work / f"ours-{mdir.name}-{preset}.gguf"
-            if not out.exists():
-                master = master or MasterCheckpoint.load(mdir)
-                t0 = time.time()
-                rep = export_gguf(master, out, preset=preset)
-                (work / f"{out.stem}.report.txt").write_text(rep.summary())
-                print(f"  export {preset}: {time.time() - t0:.0f} s", flush=True)
-            return out
-
-        results[(preset, f"ours ({args.init}{' + GPTQ' if gptq else ''}, {mlabel} g{args.group_size} master)")] = \
-            cell(f"ours-{mdir.name}-{preset}", ours)
+            results[(preset, f"ours ({args.init}{' + GPTQ' if gptq else ''}, {olabel} g{args.group_size} master)")] = \
+                cell(f"ours-{odir.name}-{preset}", ours)
         if not quantize_bin:
             def lib(preset=preset):
                 out = work / f"llama-quantize-plain-{preset}.gguf"

@@ -57,6 +57,8 @@ def parse_args():
     ap.add_argument("--eval-windows", type=int, default=40)
     ap.add_argument("--distill-bits", type=int, nargs="*", default=None,
                     help="distil only the g128 cells at these widths (default: every cell); the others show '-'")
+    ap.add_argument("--distill-rtn", choices=["yes", "no"], default="yes",
+                    help="'no': distil only the GPTQ cells (the paper distils after GPTQ)")
     ap.add_argument("--distill-nsamples", type=int, default=64)
     ap.add_argument("--distill-seqlen", type=int, default=512)
     ap.add_argument("--distill-steps", type=int, default=None, help="default: one epoch")
@@ -64,6 +66,8 @@ def parse_args():
     ap.add_argument("--device", default="auto")
     ap.add_argument("--work", default=str(ROOT / "out" / "report"), help="cell cache and intermediate masters")
     ap.add_argument("--output", default=str(ROOT / "docs" / "RESULTS.md"))
+    ap.add_argument("--write-only", action="store_true",
+                    help="only rewrite --output from the cached cells (missing cells show '-'), e.g. while a run goes on")
     ap.add_argument("--keep-masters", action="store_true", help="keep every master (default: deleted once its cells are done)")
     return ap.parse_args()
 
@@ -77,7 +81,8 @@ def plan(args) -> list[dict]:
             for gptq in args.gptq:
                 qkey = f"b{bits}_g{gs if gs > 0 else 'pc'}_{init}_{'gptq' if gptq == 'on' else 'rtn'}_n{args.nsamples}x{args.seqlen}"
                 for d in args.distill:
-                    if d == "on" and args.distill_bits is not None and (gs == -1 or bits not in args.distill_bits):
+                    if d == "on" and ((args.distill_bits is not None and (gs == -1 or bits not in args.distill_bits))
+                                      or (gptq == "off" and args.distill_rtn == "no")):
                         continue
                     dkey = (f"_d{args.distill_nsamples}x{args.distill_seqlen}s{args.distill_steps or 'ep'}lr{args.distill_lr:g}"
                             if d == "on" else "")
@@ -98,10 +103,12 @@ def main() -> None:
     model, tok, _ = load_hf_model(model_dir)
     windows = eval_windows(tok, read_text(assets.eval_text), args.eval_seqlen, max_windows=args.eval_windows)
 
-    def cached(key: str, fn) -> dict:
+    def cached(key: str, fn) -> dict | None:
         f = work / "cells" / f"{key}.json"
         if f.exists():
             return json.loads(f.read_text())
+        if args.write_only:
+            return None
         res = fn()
         f.write_text(json.dumps(res))
         print(key, {k: round(v, 3) if isinstance(v, float) else v for k, v in res.items()}, flush=True)
@@ -145,7 +152,10 @@ def main() -> None:
     cells = plan(args)
     results = {}
     for i, c in enumerate(cells):
-        results[c["key"]] = cached(c["key"], lambda c=c: run(c))
+        res = cached(c["key"], lambda c=c: run(c))
+        if res is None:  # --write-only and not measured yet
+            continue
+        results[c["key"]] = res
         later = [d for d in cells[i + 1:] if d["qkey"] == c["qkey"] and not (work / "cells" / f"{d['key']}.json").exists()]
         if not later and not args.keep_masters:
             shutil.rmtree(masters / c["qkey"], ignore_errors=True)
@@ -165,7 +175,7 @@ def write_plot(args, cells, results, fp32, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(10, 6))
     lines: dict = {}
-    for c in cells:
+    for c in [c for c in cells if c["key"] in results]:
         lines.setdefault((_label(c), c["group_size"]), []).append((results[c["key"]]["bits_per_weight"],
                                                                     results[c["key"]]["ppl"], c))
     for (label, gs), pts in lines.items():
@@ -221,10 +231,16 @@ def write_markdown(args, command, cells, results, fp32, windows) -> None:
         vals = []
         for g, d in cols:
             m = [x for x in cells if (x["bits"], x["group_size"], x["init"], x["gptq"], x["distill"]) == (*row, g, d)]
-            vals.append(f"{results[m[0]['key']]['ppl']:.2f}" if m else "-")
-        bpw = results[c["key"]]["bits_per_weight"]
+            vals.append(f"{results[m[0]['key']]['ppl']:.2f}" if m and m[0]["key"] in results else "-")
+        if c["key"] not in results and all(v == "-" for v in vals):
+            continue
+        bpw = next((results[x["key"]]["bits_per_weight"] for x in cells if x["key"] in results
+                    and (x["bits"], x["group_size"]) == row[:2]), float("nan"))
         setting = f"{c['bits']}-bit {'per-channel' if c['group_size'] == -1 else 'g' + str(c['group_size'])}"
         lines.append(f"| {setting} | {bpw:.2f} | {c['init']} | " + " | ".join(vals) + " |")
+    if len(results) < len(cells):
+        lines += ["", f"**Partial**: {len(results)} of the {len(cells)} planned cells are measured; '-' = not measured yet "
+                  "(the same command resumes and fills them)."]
     q = [r["quant_s"] for r in results.values()]
     d = [r["distill_s"] for r in results.values() if "distill_s" in r]
     lines += ["", f"Time per cell: quantization {min(q):.0f}–{max(q):.0f} s"
