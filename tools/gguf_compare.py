@@ -221,7 +221,7 @@ def main() -> None:
                 out = work / f"ours-{odir.name}-{preset}.gguf"
                 if not out.exists():
                     t0 = time.time()
-                    rep = export_gguf(MasterCheckpoint.load(odir), out, preset=preset)
+                    rep = export_gguf(MasterCheckpoint.load(odir), out, preset=preset, narrow=odir != mdir)
                     (work / f"{out.stem}.report.txt").write_text(rep.summary())
                     print(f"  export {preset}: {time.time() - t0:.0f} s", flush=True)
                 return out

@@ -156,12 +156,14 @@ def _np(t) -> np.ndarray:
 
 def export_gguf(master, out, qtype: str = "Q4_1", embed_type: str = "auto", output_type: str = "auto",
                 tokenizer_pre: str | None = None, name: str | None = None, overwrite: bool = False,
-                log=None, preset: str | None = None) -> ExportReport:
+                log=None, preset: str | None = None, narrow: bool = False) -> ExportReport:
     """Write `master` (a MasterCheckpoint) as a GGUF file at `out`; return the per-tensor report.
 
     qtype: the block type of every quantized linear (Q4_1 / Q5_1 exact; K types refit).
     embed_type / output_type: token_embd / output types ('auto' = llama-quantize's choice, see
     DEFAULTS in the package docstring). tokenizer_pre overrides the detected llama.cpp pre-tokenizer.
+    narrow: let a preset store a linear in a type with fewer bits than the master's codes (refit on diag(H))
+    instead of refusing.
     """
     out = Path(out)
     from . import presets as _presets
@@ -242,7 +244,7 @@ def export_gguf(master, out, qtype: str = "Q4_1", embed_type: str = "auto", outp
             if tname not in plan:
                 raise UserError(f"preset {preset} has no rule for {tname}; export with a plain --type")
             ltype, type_bits = plan[tname]
-            if lin.bits > type_bits:
+            if lin.bits > type_bits and not narrow:
                 raise UserError(f"preset {preset} stores {tname} as {ltype} ({type_bits}-bit) but the master holds "
                                 f"{lin.bits}-bit codes for it; re-quantize with the preset's bit widths "
                                 f"(converters.gguf.presets.preset_bits) or at most {type_bits} bits, or choose another preset")

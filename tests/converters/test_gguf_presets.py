@@ -123,6 +123,10 @@ def test_preset_refuses_too_wide_master(tiny256):
     with pytest.raises(UserError):
         export_gguf(masters[3], tmp / "y.gguf", preset="Q2_K")  # attn_q etc. are Q2_K at hidden 256
     export_gguf(masters[2], tmp / "z.gguf", preset="Q2_K")
+    # narrow=True refits the wider codes into the preset's narrower types instead of refusing
+    rep = export_gguf(masters[3], tmp / "n.gguf", preset="Q2_K", narrow=True)
+    assert _file_weights(tmp / "n.gguf")["blk.0.attn_q.weight"][0] == "Q2_K"
+    assert not next(t for t in rep.tensors if t.name == "blk.0.attn_q.weight").exact
 
 
 def test_f16_type(tiny256):
