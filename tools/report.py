@@ -183,13 +183,13 @@ def write_plot(args, cells, results, fp32, path: Path) -> None:
         c = pts[0][2]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], color=INIT_COLORS.get(c["init"], "k"),
                 linestyle=(":" if gs == -1 else ("-" if c["gptq"] else "--")), marker="o" if c["distill"] else "x",
-                markersize=6, label=f"{label} ({'per-channel' if gs == -1 else f'g{gs}'})")
+                markersize=6, linewidth=2.6 if c["distill"] else 1.3, label=f"{label} ({'per-channel' if gs == -1 else f'g{gs}'})")
     ax.axhline(fp32["ppl"], color="grey", linewidth=1, label=f"unquantized fp32 ({fp32['ppl']:.2f})")
     ax.set_yscale("log")
     ax.set_xlabel("bits per weight (codes + fp16 scale + fp16 zero per group)")
     ax.set_ylabel("perplexity, held-out Wikipedia (log scale)")
     ax.set_title(f"{Path(args.model).name if args.model else 'SmolLM2-135M-Instruct'}: colour = init, "
-                 "dashed = RTN, solid = GPTQ, dotted = per-channel; o = distilled, x = not", fontsize=9)
+                 "dashed = RTN, solid = GPTQ, dotted = per-channel; thick with o = distilled", fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
@@ -241,7 +241,7 @@ def write_markdown(args, command, cells, results, fp32, windows) -> None:
     if len(results) < len(cells):
         lines += ["", f"**Partial**: {len(results)} of the {len(cells)} planned cells are measured; '-' = not measured yet "
                   "(the same command resumes and fills them)."]
-    q = [r["quant_s"] for r in results.values()]
+    q = [r["quant_s"] for r in results.values() if r["quant_s"] == r["quant_s"]]  # nan: master made elsewhere
     d = [r["distill_s"] for r in results.values() if "distill_s" in r]
     lines += ["", f"Time per cell: quantization {min(q):.0f}–{max(q):.0f} s"
               + (f", distillation {min(d):.0f}–{max(d):.0f} s" if d else "") + ".", "",

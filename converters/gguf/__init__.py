@@ -53,6 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default=None, choices=PRESETS,
                    help="llama-quantize mixture (per-tensor types, incl. its fallbacks for rows not a multiple of "
                         "256); overrides --type. Note --preset Q2_K is llama-quantize's Q2_K mix, --type Q2_K is all-Q2_K")
+    p.add_argument("--allow-narrower", action="store_true",
+                   help="let a preset refit the master's codes into types with fewer bits (on diag(H)) instead of "
+                        "refusing; with an 8-bit master this beats llama-quantize + imatrix (docs/GGUF_COMPARE.md)")
     p.add_argument("--embed-type", default="auto", choices=FLOAT_TYPES,
                    help="token_embd type (auto = llama-quantize's choice: tied -> like output, untied -> base type)")
     p.add_argument("--output-type", default="auto", choices=FLOAT_TYPES,
@@ -77,6 +80,7 @@ def export(master, out, args: argparse.Namespace):
         name=getattr(args, "gguf_name", None),
         overwrite=bool(getattr(args, "force", False) or getattr(args, "overwrite", False)),
         preset=getattr(args, "preset", None),
+        narrow=bool(getattr(args, "allow_narrower", False)),
     )
 
 

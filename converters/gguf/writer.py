@@ -247,7 +247,7 @@ def export_gguf(master, out, qtype: str = "Q4_1", embed_type: str = "auto", outp
             if lin.bits > type_bits and not narrow:
                 raise UserError(f"preset {preset} stores {tname} as {ltype} ({type_bits}-bit) but the master holds "
                                 f"{lin.bits}-bit codes for it; re-quantize with the preset's bit widths "
-                                f"(converters.gguf.presets.preset_bits) or at most {type_bits} bits, or choose another preset")
+                                f"(converters.gguf.presets.preset_bits) or at most {type_bits} bits, or pass --allow-narrower to refit them")
         say(f"packing {lname} ({ltype})")
         entries.append((tname, _pack_linear(lin, ltype, perm)))
     for k in sorted(tensors, key=_layer_key):

@@ -215,3 +215,7 @@ def test_cli_type_and_preset(tiny256):
         rep = cg.export(master, tmp / name, p.parse_args(argv))
         types = {t.name: t.type for t in rep.tensors}
         assert types["blk.0.attn_v.weight"] == want_v, (argv, types["blk.0.attn_v.weight"])
+    with pytest.raises(UserError, match="--allow-narrower"):
+        cg.export(masters[4], tmp / "cli-d.gguf", p.parse_args(["--preset", "Q2_K"]))
+    rep = cg.export(masters[4], tmp / "cli-d.gguf", p.parse_args(["--preset", "Q2_K", "--allow-narrower"]))
+    assert {t.name: t.type for t in rep.tensors}["blk.0.attn_q.weight"] == "Q2_K"
