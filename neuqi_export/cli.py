@@ -91,6 +91,8 @@ def _add_export(sub, exporters) -> None:
         p.add_argument("--quiet", action="store_true")
         if cmd == "convert":
             _add_quant_options(p)
+            # None: 4, or 8 for a GGUF llama-quantize mixture (then refit per tensor; docs/GGUF_COMPARE.md)
+            p.set_defaults(bits=None)
         for exp in exporters.values():
             group = p.add_argument_group(f"{exp.name} options")
             exp.add_arguments(group)
@@ -208,6 +210,12 @@ def cmd_convert(args) -> int:
 
     out = Path(args.output)
     _check_output(out, args.force)
+    if args.bits is None:
+        args.bits = 8 if _gguf_mixture(args) else 4
+        if args.bits == 8:
+            args.allow_narrower = True
+            print("GGUF mixture: quantizing an 8-bit master and refitting each tensor into its type on diag(H) "
+                  "(measured better than a master at the types' own widths; pass --bits to choose)")
     opts = _options(args)
     text = None if args.no_calib else read_text(_text_path(args.calib, "calib"))
     with tempfile.TemporaryDirectory(prefix=".neuqi-convert-", dir=out.parent if out.parent.exists() else None) as tmp:
@@ -216,6 +224,16 @@ def cmd_convert(args) -> int:
                              progress=not args.quiet))
         args.source = str(master_dir)
         return cmd_export(args)
+
+
+def _gguf_mixture(args) -> bool:
+    """Is this a GGUF export with a llama-quantize mixture (per-tensor types, not one uniform grid)?"""
+    if args.to != "gguf":
+        return False
+    from converters.gguf import WEIGHT_TYPES
+    from converters.gguf.presets import PRESETS
+
+    return bool(getattr(args, "preset", None)) or (args.gguf_type in PRESETS and args.gguf_type not in WEIGHT_TYPES)
 
 
 def cmd_distill(args) -> int:
