@@ -45,7 +45,7 @@ def bits_per_weight(master: MasterCheckpoint) -> float:
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="HF model directory (default: the fetched SmolLM2-135M-Instruct)")
-    ap.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4], help="bit widths at --group-size")
+    ap.add_argument("--bits", type=int, nargs="*", default=[2, 3, 4], help="bit widths at --group-size")
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--per-channel-bits", type=int, nargs="*", default=[3, 4], help="bit widths per-channel (none: skip)")
     ap.add_argument("--inits", nargs="+", default=["minmax", "neuqi_int", "neuqi"])
