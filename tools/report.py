@@ -238,12 +238,16 @@ def write_markdown(args, command, cells, results, fp32, windows) -> None:
                     and (x["bits"], x["group_size"]) == row[:2]), float("nan"))
         setting = f"{c['bits']}-bit {'per-channel' if c['group_size'] == -1 else 'g' + str(c['group_size'])}"
         lines.append(f"| {setting} | {bpw:.2f} | {c['init']} | " + " | ".join(vals) + " |")
+    if args.distill_bits is not None or args.distill_rtn == "no":
+        lines += ["", "'-' under a distill column: not in this run's plan (--distill-bits "
+                  f"{' '.join(map(str, args.distill_bits or [])) or 'none'}, --distill-rtn {args.distill_rtn})."]
     if len(results) < len(cells):
         lines += ["", f"**Partial**: {len(results)} of the {len(cells)} planned cells are measured; '-' = not measured yet "
-                  "(the same command resumes and fills them)."]
+                  "(the same command without --write-only resumes and fills them)."]
     q = [r["quant_s"] for r in results.values() if r["quant_s"] == r["quant_s"]]  # nan: master made elsewhere
     d = [r["distill_s"] for r in results.values() if "distill_s" in r]
-    lines += ["", f"Time per cell: quantization {min(q):.0f}–{max(q):.0f} s"
+    lines += ["", f"Time per cell (wall, 1 thread, shared machine; a master resumed after an interruption counts only "
+              f"the resumed part, one made by another tool shows no time): quantization {min(q):.0f}–{max(q):.0f} s"
               + (f", distillation {min(d):.0f}–{max(d):.0f} s" if d else "") + ".", "",
               f"![perplexity vs bits per weight]({png.name})", ""]
     out.write_text("\n".join(lines))
