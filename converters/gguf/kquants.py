@@ -187,6 +187,36 @@ def _polish(x, h, sc, mn, q, with_min):
     return np.maximum(d, 0.0), np.maximum(dm, 0.0)
 
 
+def search_super_scales(x, hh, s_t, m_t, d0, dm0, levels: int, imax: int, with_min: bool):
+    """Super-block (d, dmin) on a ±8% grid around (d0, dm0), integer sub-scales/mins and codes for each, then a
+    least-squares polish of (d, dmin) kept where it lowers Σ h (x - x̂)². Returns (d, dm, sc, mn, q) per super-block."""
+    best = None
+    facs = (0.92, 1.0, 1.08)
+    for fd in facs:
+        for fm in (facs if with_min else (1.0,)):
+            d, dm = _f16(d0 * fd), _f16(dm0 * fm)
+            err, sc, mn, q = _choose_ints(x, hh, s_t, m_t, d, dm, levels, imax, with_min)
+            tot = err.sum(-1)
+            if best is None:
+                best = [tot, d, dm, sc, mn, q]
+            else:
+                b = tot < best[0]
+                best = [np.where(b, tot, best[0]), np.where(b, d, best[1]), np.where(b, dm, best[2]),
+                        np.where(b[:, None], sc, best[3]), np.where(b[:, None], mn, best[4]), np.where(b[:, None, None], q, best[5])]
+    tot, d, dm, sc, mn, q = best
+    pd, pdm = _polish(x, hh, sc, mn, q, with_min)
+    pd, pdm = _f16(pd), _f16(pdm)
+    s, m = pd[:, None] * sc, -pdm[:, None] * mn
+    if with_min:
+        q2 = _round_codes_affine(x, s, m, levels)
+        w2 = s[..., None] * q2 + m[..., None]
+    else:
+        q2 = _round_codes_sym(x, s)
+        w2 = s[..., None] * q2
+    b = _sub_err(x, hh, w2).sum(-1) < tot
+    return np.where(b, pd, d), np.where(b, pdm, dm), sc, mn, np.where(b[:, None, None], q2, q)
+
+
 def fit_k(w: np.ndarray, h: np.ndarray, qtype: str, seed: tuple[np.ndarray, np.ndarray] | None = None):
     """Refit w (rows, n), n % 256 == 0, to a K type. Returns (packed bytes, ŵ float32 as the runtime reads it)."""
     B, levels, _, imax, with_min = K_TYPES[qtype]
@@ -215,34 +245,7 @@ def fit_k(w: np.ndarray, h: np.ndarray, qtype: str, seed: tuple[np.ndarray, np.n
         smax = np.take_along_axis(s_t, i[..., None], -1)[..., 0]
         d0 = np.abs(smax) / np.where(smax < 0, imax + 1, imax)
         dm0 = np.zeros_like(d0)
-    best = None
-    facs = (0.92, 1.0, 1.08)
-    for fd in facs:
-        for fm in (facs if with_min else (1.0,)):
-            d, dm = _f16(d0 * fd), _f16(dm0 * fm)
-            err, sc, mn, q = _choose_ints(x, hh, s_t, m_t, d, dm, levels, imax, with_min)
-            tot = err.sum(-1)
-            if best is None:
-                best = [tot, d, dm, sc, mn, q]
-            else:
-                b = tot < best[0]
-                best = [np.where(b, tot, best[0]), np.where(b, d, best[1]), np.where(b, dm, best[2]),
-                        np.where(b[:, None], sc, best[3]), np.where(b[:, None], mn, best[4]), np.where(b[:, None, None], q, best[5])]
-    tot, d, dm, sc, mn, q = best
-    # 3. least-squares polish of (d, dmin), re-round codes, keep where better
-    pd, pdm = _polish(x, hh, sc, mn, q, with_min)
-    pd, pdm = _f16(pd), _f16(pdm)
-    s, m = pd[:, None] * sc, -pdm[:, None] * mn
-    if with_min:
-        q2 = _round_codes_affine(x, s, m, levels)
-        w2 = s[..., None] * q2 + m[..., None]
-    else:
-        q2 = _round_codes_sym(x, s)
-        w2 = s[..., None] * q2
-    tot2 = _sub_err(x, hh, w2).sum(-1)
-    b = tot2 < tot
-    d, dm = np.where(b, pd, d), np.where(b, pdm, dm)
-    q = np.where(b[:, None, None], q2, q)
+    d, dm, sc, mn, q = search_super_scales(x, hh, s_t, m_t, d0, dm0, levels, imax, with_min)
     d16, dm16 = d.astype(np.float16).reshape(rows, nsup), dm.astype(np.float16).reshape(rows, nsup)
     qf = q.reshape(rows, n)
     sc = sc.reshape(rows, nsup * nsub).astype(np.int64)

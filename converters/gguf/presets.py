@@ -257,7 +257,7 @@ def pack_q5_k(q: np.ndarray, sc: np.ndarray, mn: np.ndarray, d: np.ndarray, dmin
 
 def fit_q5_k(w: np.ndarray, h: np.ndarray) -> np.ndarray:
     """Q5_K refit of w (rows, n), n % 256 == 0, on Σ h (w - ŵ)² (same steps as kquants.fit_k)."""
-    from .kquants import _choose_ints, _f16, _polish, _round_codes_affine, fit_affine_blocks
+    from .kquants import fit_affine_blocks, search_super_scales
 
     B, levels, imax = 32, 32, 63
     rows, n = w.shape
@@ -267,28 +267,7 @@ def fit_q5_k(w: np.ndarray, h: np.ndarray) -> np.ndarray:
     _, d16, m16, _ = fit_affine_blocks(x, hh, levels)
     s_t, m_t = d16.astype(np.float64), np.minimum(m16.astype(np.float64), 0.0)
     d0, dm0 = s_t.max(-1) / imax, (-m_t).max(-1) / imax
-    best = None
-    for fd in (0.92, 1.0, 1.08):
-        for fm in (0.92, 1.0, 1.08):
-            d, dm = _f16(d0 * fd), _f16(dm0 * fm)
-            err, sc, mn, q = _choose_ints(x, hh, s_t, m_t, d, dm, levels, imax, True)
-            tot = err.sum(-1)
-            if best is None:
-                best = [tot, d, dm, sc, mn, q]
-            else:
-                b = tot < best[0]
-                best = [np.where(b, tot, best[0]), np.where(b, d, best[1]), np.where(b, dm, best[2]),
-                        np.where(b[:, None], sc, best[3]), np.where(b[:, None], mn, best[4]),
-                        np.where(b[:, None, None], q, best[5])]
-    tot, d, dm, sc, mn, q = best
-    pd, pdm = _polish(x, hh, sc, mn, q, True)
-    pd, pdm = _f16(pd), _f16(pdm)
-    s, m = pd[:, None] * sc, -pdm[:, None] * mn
-    q2 = _round_codes_affine(x, s, m, levels)
-    tot2 = (hh * (x - s[..., None] * q2 - m[..., None]) ** 2).sum((-1, -2))
-    b = tot2 < tot
-    d, dm = np.where(b, pd, d), np.where(b, pdm, dm)
-    q = np.where(b[:, None, None], q2, q)
+    d, dm, sc, mn, q = search_super_scales(x, hh, s_t, m_t, d0, dm0, levels, imax, True)
     return pack_q5_k(q.reshape(rows, n).astype(np.uint8), sc.reshape(rows, nsup * nsub).astype(np.int64),
                      mn.reshape(rows, nsup * nsub).astype(np.int64),
                      d.astype(np.float16).reshape(rows, nsup), dm.astype(np.float16).reshape(rows, nsup))
