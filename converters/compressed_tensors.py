@@ -39,12 +39,12 @@ from __future__ import annotations
 
 import argparse
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from converters.registry import ExportReport, Exporter, TensorReport, register, write_safetensors_dir
+from converters.registry import (ExportReport, Exporter, TensorReport, choose, prepare_output, register,
+                                 write_safetensors_dir)
 from neuqi_export.errors import UserError
 
 GROUP_SIZES = (128, 64, 32)
@@ -201,14 +201,9 @@ def export_compressed_tensors(master, out, scale_dtype: str = "fp32", refit: str
 
     from neuqi_export.quant.grid import expand_groups
 
-    if scale_dtype not in SCALE_DTYPES:
-        raise UserError(f"--ct-scale-dtype {scale_dtype!r} is not one of {', '.join(SCALE_DTYPES)}; pick one of those")
-    if refit not in REFITS:
-        raise UserError(f"--ct-refit {refit!r} is not one of {', '.join(REFITS)}; pick one of those")
-    sdt = SCALE_DTYPES[scale_dtype]
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise UserError(f"output '{out}' already exists; choose another -o or pass --force")
+    sdt = choose(scale_dtype, SCALE_DTYPES, "--ct-scale-dtype")
+    choose(refit, dict.fromkeys(REFITS), "--ct-refit")
+    out = prepare_output(master, out, overwrite, "the compressed-tensors exporter")
 
     tensors: dict[str, torch.Tensor] = {}
     reports: list[TensorReport] = []

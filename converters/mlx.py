@@ -29,12 +29,12 @@ Python: `export_mlx(master, out, scale_dtype="fp32", overwrite=False) -> ExportR
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from converters.registry import ExportReport, Exporter, TensorReport, register, write_safetensors_dir
+from converters.registry import (ExportReport, Exporter, TensorReport, choose, prepare_output, register,
+                                 write_safetensors_dir)
 from neuqi_export.errors import UserError
 
 MLX_GROUP_SIZES = (128, 64, 32)
@@ -134,12 +134,8 @@ def mlx_config(master, quant: dict) -> dict:
 def export_mlx(master, out, scale_dtype: str = "fp32", overwrite: bool = False) -> ExportReport:
 
 
-    if scale_dtype not in SCALE_DTYPES:
-        raise UserError(f"--mlx-scale-dtype {scale_dtype!r} is not one of {', '.join(SCALE_DTYPES)}; pick one of those")
-    sdt = SCALE_DTYPES[scale_dtype]
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise UserError(f"output '{out}' already exists; choose another -o or pass --force")
+    sdt = choose(scale_dtype, SCALE_DTYPES, "--mlx-scale-dtype")
+    out = prepare_output(master, out, overwrite, "the MLX exporter")
 
     tensors: dict[str, torch.Tensor] = {}
     reports: list[TensorReport] = []

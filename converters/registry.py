@@ -65,6 +65,27 @@ def load_all() -> dict[str, Exporter]:
     return EXPORTERS
 
 
+def prepare_output(master, out, overwrite: bool, what: str) -> Path:
+    """The checks every uniform-grid exporter makes before writing: `out` may be (over)written and the master
+    holds no linears quantized for GGUF block types. Returns out as a Path."""
+    from neuqi_export.errors import UserError
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise UserError(f"output '{out}' already exists; choose another -o or pass --force")
+    master.require_uniform(what)
+    return out
+
+
+def choose(value, table: dict, option: str):
+    """table[value], or a UserError naming the option and its choices."""
+    from neuqi_export.errors import UserError
+
+    if value not in table:
+        raise UserError(f"{option} {value!r} is not one of {', '.join(table)}; pick one of those")
+    return table[value]
+
+
 def write_safetensors_dir(out, tensors: dict, config: dict, tokenizer_dir, metadata: dict) -> int:
     """Write model.safetensors + config.json + the tokenizer files as directory `out`, all-or-nothing
     (replacing an existing `out`; callers check --force first). Returns the directory's size in bytes."""

@@ -93,6 +93,11 @@ def _add_export(sub, exporters) -> None:
             _add_quant_options(p)
             # None: 4, or 8 for a GGUF llama-quantize mixture (then refit per tensor; docs/GGUF_COMPARE.md)
             p.set_defaults(bits=None)
+            p.add_argument("--gguf-fit", choices=GGUF_FITS, default=None,
+                           help="GGUF K types and mixtures: 'lattice' fits each linear's block parameters for its "
+                                "GGUF type on diag(H) and runs GPTQ (with --gptq) on that type's lattice; "
+                                "'master' quantizes a uniform master (8-bit unless --bits) and refits it per tensor "
+                                f"(default {GGUF_FIT_DEFAULT}; measured in docs/GGUF_COMPARE.md)")
         for exp in exporters.values():
             group = p.add_argument_group(f"{exp.name} options")
             exp.add_arguments(group)
@@ -210,13 +215,25 @@ def cmd_convert(args) -> int:
 
     out = Path(args.output)
     _check_output(out, args.force)
+    fit = _gguf_fit(args)
     if args.bits is None:
-        args.bits = 8 if _gguf_mixture(args) else 4
+        args.bits = 8 if fit == "master" and _gguf_mixture(args) else 4
         if args.bits == 8:
             args.allow_narrower = True
             print("GGUF mixture: quantizing an 8-bit master and refitting each tensor into its type on diag(H) "
-                  "(measured better than a master at the types' own widths; pass --bits to choose)")
+                  "(pass --bits to choose the master's width)")
     opts = _options(args)
+    if fit == "lattice":
+        from converters.gguf.presets import linear_types
+
+        from .arch import read_model_dir
+
+        _, config, spec = read_model_dir(_model_path(args.source))
+        preset = getattr(args, "preset", None) or (args.gguf_type if _gguf_mixture(args) else None)
+        opts.gguf_types = linear_types(config, preset=preset, qtype=None if preset else args.gguf_type,
+                                       prefix=spec.blocks_path)
+        print(f"GGUF {preset or args.gguf_type}: fitting each linear's block parameters for its GGUF type on diag(H)"
+              + (" and running GPTQ on that lattice" if opts.gptq else " (add --gptq to run GPTQ on that lattice)"))
     text = None if args.no_calib else read_text(_text_path(args.calib, "calib"))
     with tempfile.TemporaryDirectory(prefix=".neuqi-convert-", dir=out.parent if out.parent.exists() else None) as tmp:
         master_dir = Path(tmp) / "master"
@@ -224,6 +241,24 @@ def cmd_convert(args) -> int:
                              progress=not args.quiet))
         args.source = str(master_dir)
         return cmd_export(args)
+
+
+GGUF_FITS = ("lattice", "master")
+GGUF_FIT_DEFAULT = "lattice"
+
+
+def _gguf_fit(args) -> str | None:
+    """'lattice' / 'master' for a GGUF export to K types or a mixture; None for other targets and exact types."""
+    if args.to != "gguf":
+        return None
+    from converters.gguf.presets import TYPE_BITS
+
+    if not (_gguf_mixture(args) or (args.gguf_type in TYPE_BITS and args.gguf_type not in ("F16", "F32", "Q4_1", "Q5_1"))):
+        if args.gguf_fit == "lattice":
+            raise UserError(f"--gguf-fit lattice is for K types and llama-quantize mixtures, not --type {args.gguf_type} "
+                            "(Q4_1/Q5_1 store the master exactly); drop --gguf-fit")
+        return None
+    return args.gguf_fit or GGUF_FIT_DEFAULT
 
 
 def _gguf_mixture(args) -> bool:

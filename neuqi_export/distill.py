@@ -292,6 +292,7 @@ def distill(master_dir, teacher_dir, text: str, out, opts: DistillOptions | None
     if out.resolve() == master_dir.resolve():
         raise UserError(f"output '{out}' is the input master; choose another -o")
     master = MasterCheckpoint.load(master_dir)
+    master.require_uniform("distillation")
     teacher_dir, teacher_cfg, _ = read_model_dir(teacher_dir)
     _check_teacher(master, teacher_cfg, teacher_dir)
     max_pos = master.config.get("max_position_embeddings")

@@ -25,13 +25,12 @@ def _inverse_cholesky_upper(H: torch.Tensor) -> torch.Tensor:
     raise RuntimeError("Hessian is not positive definite even after extra damping")
 
 
-def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                  bits: int, group_size: int, act_order: bool = True, blocksize: int = 128) -> torch.Tensor:
-    """Codes (uint8, (out, in)) for `weight` that minimise GPTQ's layer-wise error tr(ΔW H ΔWᵀ)
-    greedily, with the fixed per-group (scale, zero) (each (out, n_groups)); H is damped, (in, in)."""
+def gptq_with_rounding(weight: torch.Tensor, H: torch.Tensor, round_col, act_order: bool = True,
+                       blocksize: int = 128) -> torch.Tensor:
+    """Codes (uint8, (out, in)) minimising tr(ΔW H ΔWᵀ) greedily, column by column (GPTQ), where
+    round_col(j, w) -> (codes (out,), ŵ (out,)) rounds column w whose ORIGINAL index is j onto its fixed grid."""
     W = weight.detach().to(torch.float32).clone()
     out, n = W.shape
-    gs = n if group_size == -1 else group_size
     H = H.to(W.device, torch.float64).clone()
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1.0
@@ -39,29 +38,41 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, ze
     perm = torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order else torch.arange(n, device=W.device)
     W = W[:, perm]
     H = H[perm][:, perm]
-    group_of_col = perm // gs  # static groups: a column keeps its original group's parameters
+    cols = perm.tolist()
     U = _inverse_cholesky_upper(H).to(torch.float32)
-    scale = scale.to(W.device, torch.float32)
-    zero = zero.to(W.device, torch.float32)
     codes = torch.empty(out, n, dtype=torch.uint8, device=W.device)
-    L = (1 << bits) - 1
     for i1 in range(0, n, blocksize):
         i2 = min(i1 + blocksize, n)
         W1 = W[:, i1:i2].clone()
         U1 = U[i1:i2, i1:i2]
         E1 = torch.zeros_like(W1)
         for i in range(i2 - i1):
-            g = group_of_col[i1 + i]
-            s, z = scale[:, g], zero[:, g]
             w = W1[:, i]
-            q = torch.clamp(torch.round(w / s + z), 0, L)
+            q, w_hat = round_col(cols[i1 + i], w)
             codes[:, i1 + i] = q.to(torch.uint8)
-            err = (w - s * (q - z)) / U1[i, i]
+            err = (w - w_hat) / U1[i, i]
             W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
             E1[:, i] = err
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
     inv = torch.argsort(perm)
     return codes[:, inv].contiguous()
+
+
+def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                  bits: int, group_size: int, act_order: bool = True, blocksize: int = 128) -> torch.Tensor:
+    """Codes (uint8, (out, in)) for `weight` that minimise GPTQ's layer-wise error tr(ΔW H ΔWᵀ)
+    greedily, with the fixed per-group (scale, zero) (each (out, n_groups)); H is damped, (in, in)."""
+    gs = weight.shape[1] if group_size == -1 else group_size
+    scale = scale.to(weight.device, torch.float32)
+    zero = zero.to(weight.device, torch.float32)
+    L = (1 << bits) - 1
+
+    def round_col(j: int, w: torch.Tensor):  # static groups: column j keeps its original group's parameters
+        s, z = scale[:, j // gs], zero[:, j // gs]
+        q = torch.clamp(torch.round(w / s + z), 0, L)
+        return q, s * (q - z)
+
+    return gptq_with_rounding(weight, H, round_col, act_order=act_order, blocksize=blocksize)
 
 
 def weighted_error(weight: torch.Tensor, deq: torch.Tensor, H: torch.Tensor) -> float:

@@ -5,6 +5,9 @@ A HF-style directory: config.json with a `quantization_config` block, the tokeni
 bit stream along the input dimension, uint8 (out, ceil(in*bits/8))), `<m>.scales` and `<m>.zeros`
 (float32 (out, n_groups)), `<m>.hdiag` (float32 (in,), the damped diag(H) the parameters were fitted
 with; ones when no calibration); every other tensor as it was.
+A linear quantized directly for a GGUF block type (`convert --to gguf`'s K-quant-aware mode) is stored
+instead as `<m>.gguf` (the blocks as llama.cpp reads them, uint8 (out, row_bytes); F16/F32 rows as floats)
+with its type in the module entry; only the GGUF exporter and the dequantizing runtimes take those.
 """
 from __future__ import annotations
 
@@ -63,17 +66,56 @@ class QuantizedLinear:
 
 
 @dataclass
+class GGUFLinear:
+    """One linear held in a GGUF block type: dequant = gguf.quants.dequantize(data, qtype)."""
+
+    data: torch.Tensor  # uint8 (out, row_bytes); F16/F32: the float rows (out, in)
+    qtype: str  # GGML type name
+    shape: tuple[int, int]
+    hdiag: torch.Tensor | None = None  # float32 (in,)
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 (out, in) weights as llama.cpp reads them."""
+        import gguf
+
+        if self.qtype in ("F16", "F32"):
+            return self.data.float().reshape(self.shape)
+        deq = gguf.quants.dequantize(self.data.cpu().numpy(), gguf.GGMLQuantizationType[self.qtype])
+        return torch.from_numpy(np.ascontiguousarray(deq, np.float32)).reshape(self.shape)
+
+    def validate(self, name: str) -> None:
+        import gguf
+
+        out, inp = self.shape
+        if self.qtype not in ("F16", "F32"):
+            block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[self.qtype]]
+            want = (out, inp // block * size)
+        else:
+            want = (out, inp)
+        if tuple(self.data.shape) != want:
+            raise UserError(f"{name}: {self.qtype} blocks of shape {tuple(self.data.shape)} do not match {want}; the checkpoint is corrupt, re-run convert")
+
+
+@dataclass
 class MasterCheckpoint:
     """config (HF config dict incl. quantization_config), quantized linears, other tensors."""
 
     config: dict
-    linears: dict[str, QuantizedLinear] = field(default_factory=dict)
+    linears: dict[str, QuantizedLinear | GGUFLinear] = field(default_factory=dict)
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     tokenizer_dir: Path | None = None  # where the tokenizer files live (copied on save)
 
     @property
     def quantization_config(self) -> dict:
         return self.config["quantization_config"]
+
+    def require_uniform(self, what: str) -> None:
+        """UserError when a linear is held in a GGUF block type (only the GGUF exporter can take those)."""
+        typed = [n for n, lin in self.linears.items() if isinstance(lin, GGUFLinear)]
+        if typed:
+            raise UserError(f"this master holds {len(typed)} linears quantized for GGUF block types (e.g. {typed[0]}), "
+                            f"which {what} cannot take; export it with --to gguf, or quantize a uniform master with "
+                            f"`neuqi-export quantize`")
 
     def dequantized_state_dict(self, dtype=torch.float32) -> dict[str, torch.Tensor]:
         """A plain state dict (module.weight for every quantized linear) for a transformers model."""
@@ -93,10 +135,15 @@ class MasterCheckpoint:
         modules = {}
         for name, lin in self.linears.items():
             lin.validate(name)
+            h = lin.hdiag if lin.hdiag is not None else torch.ones(lin.shape[1])
+            if isinstance(lin, GGUFLinear):
+                tensors[f"{name}.gguf"] = lin.data.cpu().contiguous()
+                tensors[f"{name}.hdiag"] = h.float().cpu().contiguous()
+                modules[name] = {"gguf_type": lin.qtype, "shape": list(lin.shape)}
+                continue
             tensors[f"{name}.qweight"] = torch.from_numpy(pack_bits(lin.codes.cpu().numpy(), lin.bits))
             tensors[f"{name}.scales"] = lin.scale.float().cpu().contiguous()
             tensors[f"{name}.zeros"] = lin.zero.float().cpu().contiguous()
-            h = lin.hdiag if lin.hdiag is not None else torch.ones(lin.shape[1])
             tensors[f"{name}.hdiag"] = h.float().cpu().contiguous()
             modules[name] = {"bits": lin.bits, "group_size": lin.group_size, "shape": list(lin.shape)}
         for k, v in self.tensors.items():
@@ -126,6 +173,10 @@ class MasterCheckpoint:
         linears = {}
         for name, meta in qcfg.get("modules", {}).items():
             out, inp = meta["shape"]
+            if "gguf_type" in meta:
+                linears[name] = GGUFLinear(raw.pop(f"{name}.gguf"), meta["gguf_type"], (out, inp), raw.pop(f"{name}.hdiag"))
+                linears[name].validate(name)
+                continue
             codes = unpack_bits(raw.pop(f"{name}.qweight").numpy(), meta["bits"], inp)
             linears[name] = QuantizedLinear(
                 codes=torch.from_numpy(np.ascontiguousarray(codes)).reshape(out, inp),

@@ -22,7 +22,7 @@ from .arch import get_blocks, read_model_dir
 from .errors import UserError
 from .gptq import gptq_quantize, weighted_error
 from .hessian import HessianAccumulator
-from .master import MasterCheckpoint, QuantizedLinear
+from .master import GGUFLinear, MasterCheckpoint, QuantizedLinear
 from .partial import discard_stale, mark, partial_dir
 from .quant.grid import dequantize, quantize_codes
 from .quant.params import init_params
@@ -47,6 +47,9 @@ class QuantizeOptions:
     seed: int = 0
     percdamp: float = 0.01
     calibrate: bool = True  # False: data-free (h ≡ 1, no GPTQ)
+    # K-quant-aware mode: {HF linear name: GGUF type}; those linears are fitted and GPTQ'd on the type's
+    # own lattice (converters.gguf.lattice) instead of a uniform `bits` grid
+    gguf_types: dict | None = None
 
     def validate(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -143,14 +146,19 @@ def _fingerprint(model_dir: Path, opts: QuantizeOptions, calib_text: str | None)
 
 
 def _save_block(path: Path, records: dict, losses: dict) -> None:
-    tensors = {}
+    tensors, types = {}, {}
     for name, lin in records.items():
+        if isinstance(lin, GGUFLinear):
+            tensors[f"{name}.gguf"] = lin.data
+            tensors[f"{name}.hdiag"] = lin.hdiag
+            types[name] = lin.qtype
+            continue
         tensors[f"{name}.codes"] = lin.codes
         tensors[f"{name}.scales"] = lin.scale
         tensors[f"{name}.zeros"] = lin.zero
         tensors[f"{name}.hdiag"] = lin.hdiag
     tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"losses": json.dumps(losses)})
+    save_file(tensors, str(tmp), metadata={"losses": json.dumps(losses), "gguf_types": json.dumps(types)})
     tmp.replace(path)
 
 
@@ -160,16 +168,31 @@ def _load_block(path: Path, names: list, opts: QuantizeOptions) -> tuple[dict, d
     raw = load_file(str(path))
     with safe_open(str(path), "pt") as f:
         losses = json.loads(f.metadata()["losses"])
-    records = {n: QuantizedLinear(raw[f"{n}.codes"], raw[f"{n}.scales"], raw[f"{n}.zeros"], opts.bits, opts.group_size,
-                                  raw[f"{n}.hdiag"]) for n in names}
+        types = json.loads(f.metadata().get("gguf_types", "{}"))
+    records = {n: GGUFLinear(raw[f"{n}.gguf"], types[n], (raw[f"{n}.gguf"].shape[0], raw[f"{n}.hdiag"].shape[0]),
+                             raw[f"{n}.hdiag"])
+               if n in types else
+               QuantizedLinear(raw[f"{n}.codes"], raw[f"{n}.scales"], raw[f"{n}.zeros"], opts.bits, opts.group_size,
+                               raw[f"{n}.hdiag"]) for n in names}
     return records, losses
 
 
-def quantize_linear(W: torch.Tensor, H: torch.Tensor | None, opts: QuantizeOptions) -> tuple[QuantizedLinear, dict]:
-    """Init params for every group of W (from the original W), then GPTQ or round-to-nearest."""
+def quantize_linear(W: torch.Tensor, H: torch.Tensor | None, opts: QuantizeOptions,
+                    name: str | None = None) -> tuple[QuantizedLinear | GGUFLinear, dict]:
+    """Init params for every group of W (from the original W), then GPTQ or round-to-nearest; a linear
+    that opts.gguf_types names is quantized on its GGUF type's lattice instead."""
     if not torch.isfinite(W).all():
         raise UserError("a weight contains NaN/Inf; repair the model before quantizing")
-    hdiag = torch.diagonal(H).to(torch.float32) if H is not None else torch.ones(W.shape[1], device=W.device)
+    hdiag = torch.diagonal(H).to(torch.float32).contiguous() if H is not None else torch.ones(W.shape[1], device=W.device)
+    if opts.gguf_types and name in opts.gguf_types:
+        from converters.gguf.lattice import quantize_for_type
+
+        res = quantize_for_type(W, H, hdiag, opts.gguf_types[name], gptq=opts.gptq, act_order=opts.act_order)
+        deq = res.deq.to(W.device)
+        rec = GGUFLinear(torch.from_numpy(res.data), opts.gguf_types[name], tuple(W.shape), hdiag.cpu())
+        losses = {"diag": float(((W.double() - deq.double()) ** 2 * hdiag.double()).sum())}
+        losses["hessian"] = weighted_error(W, deq, H) if H is not None else losses["diag"]
+        return rec, losses
     scale, zero = init_params(W, opts.bits, opts.group_size, method=opts.init,
                               hdiag=hdiag if (opts.init in USES_HDIAG and H is not None) else None)
     eff_gs = W.shape[1] if opts.group_size == -1 else opts.group_size
@@ -216,7 +239,7 @@ def _quantize_block(block, k: int, prefix: str, spec, inputs: list, kwargs: dict
             W = lin.weight.data.to(torch.float32)
             if not torch.isfinite(W).all():
                 raise UserError(f"weight '{full}.weight' contains NaN/Inf; repair the model before quantizing")
-            rec, loss = quantize_linear(W, H, opts)
+            rec, loss = quantize_linear(W, H, opts, full)
             lin.weight.data = rec.dequantize().to(device, lin.weight.dtype)
             records[full], losses[full] = rec, loss
             layers.set_postfix_str(f"{name} loss {loss['hessian']:.3g}")
@@ -290,7 +313,8 @@ def quantize_model(model_dir, out, opts: QuantizeOptions, calib_text: str | None
         tensors.pop("lm_head.weight", None)
     qcfg = {"quant_method": "neuqi", "bits": opts.bits, "group_size": opts.group_size, "init": opts.init,
             "gptq": opts.gptq, "act_order": opts.act_order, "static_groups": True, "nsamples": opts.nsamples,
-            "seqlen": opts.seqlen, "seed": opts.seed, "percdamp": opts.percdamp, "calibrated": opts.calibrate}
+            "seqlen": opts.seqlen, "seed": opts.seed, "percdamp": opts.percdamp, "calibrated": opts.calibrate,
+            "gguf_lattice": bool(opts.gguf_types)}
     master = MasterCheckpoint(config={**config, "quantization_config": qcfg}, linears=records, tensors=tensors,
                               tokenizer_dir=model_dir)
     master.save(out, overwrite=force)

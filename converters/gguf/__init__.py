@@ -18,6 +18,11 @@ types and its fallbacks (IQ4_NL / Q5_0 / Q5_1 / Q8_0 / F16) for rows that are no
 a tensor whose master codes are wider than its type's bits is refused. F16 / F32: the master's
 dequantized linears stored as floats (e.g. as llama-quantize's input).
 
+K-quant-aware masters (`neuqi-export convert MODEL --to gguf --type TYPE --gptq`, lattice.py): every linear is
+fitted for its own GGUF type (block scales/mins on the original weights with the diag(H) objective) and GPTQ'd on
+that type's lattice; the master holds the blocks themselves, which this exporter writes unchanged (EXACT) when the
+preset/type asks for that type (and refits them, like any master, when it asks for another).
+
 Embeddings / output head (--embed-type, --output-type; unquantized in the master). 'auto' follows
 llama-quantize's Q4_1 preset: output.weight -> Q6_K (Q8_0 when n_embd % 256 != 0, e.g. SmolLM2's
 576); a tied token_embd is quantized like the output; an untied token_embd gets the base type

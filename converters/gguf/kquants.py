@@ -217,8 +217,11 @@ def search_super_scales(x, hh, s_t, m_t, d0, dm0, levels: int, imax: int, with_m
     return np.where(b, pd, d), np.where(b, pdm, dm), sc, mn, np.where(b[:, None, None], q2, q)
 
 
-def fit_k(w: np.ndarray, h: np.ndarray, qtype: str, seed: tuple[np.ndarray, np.ndarray] | None = None):
-    """Refit w (rows, n), n % 256 == 0, to a K type. Returns (packed bytes, ŵ float32 as the runtime reads it)."""
+def fit_k_params(w: np.ndarray, h: np.ndarray, qtype: str, seed: tuple[np.ndarray, np.ndarray] | None = None):
+    """K-type block parameters for w (rows, n), n % 256 == 0, minimising Σ h (w - ŵ)².
+
+    Returns (params, q): params = (sc, mn, d16, dm16) for pack_k (sc/mn int64 (rows, n/B), d16/dm16 float16
+    (rows, n/256)); q uint8 (rows, n) codes 0..levels-1 (Q3_K: the stored code, value + 4)."""
     B, levels, _, imax, with_min = K_TYPES[qtype]
     rows, n = w.shape
     nsup = n // QK_K
@@ -246,18 +249,28 @@ def fit_k(w: np.ndarray, h: np.ndarray, qtype: str, seed: tuple[np.ndarray, np.n
         d0 = np.abs(smax) / np.where(smax < 0, imax + 1, imax)
         dm0 = np.zeros_like(d0)
     d, dm, sc, mn, q = search_super_scales(x, hh, s_t, m_t, d0, dm0, levels, imax, with_min)
-    d16, dm16 = d.astype(np.float16).reshape(rows, nsup), dm.astype(np.float16).reshape(rows, nsup)
-    qf = q.reshape(rows, n)
-    sc = sc.reshape(rows, nsup * nsub).astype(np.int64)
-    mn = mn.reshape(rows, nsup * nsub).astype(np.int64)
+    params = (sc.reshape(rows, nsup * nsub).astype(np.int64), mn.reshape(rows, nsup * nsub).astype(np.int64),
+              d.astype(np.float16).reshape(rows, nsup), dm.astype(np.float16).reshape(rows, nsup))
+    q = q.reshape(rows, n) + (0 if with_min else 4)
+    return params, q.astype(np.uint8)
+
+
+def pack_k(qtype: str, params, q: np.ndarray) -> np.ndarray:
+    """Q2_K / Q3_K / Q4_K bytes from fit_k_params' params and codes q (rows, n) uint8."""
+    sc, mn, d16, dm16 = params
     if qtype == "Q4_K":
-        data = pack_q4_k(qf.astype(np.uint8), sc, mn, d16, dm16)
-    elif qtype == "Q2_K":
-        data = pack_q2_k(qf.astype(np.uint8), sc, mn, d16, dm16)
-    else:
-        data = pack_q3_k((qf + 4).astype(np.uint8), sc, d16)
+        return pack_q4_k(q, sc, mn, d16, dm16)
+    if qtype == "Q2_K":
+        return pack_q2_k(q, sc, mn, d16, dm16)
+    return pack_q3_k(q, sc, d16)
+
+
+def fit_k(w: np.ndarray, h: np.ndarray, qtype: str, seed: tuple[np.ndarray, np.ndarray] | None = None):
+    """Refit w (rows, n), n % 256 == 0, to a K type. Returns (packed bytes, ŵ float32 as the runtime reads it)."""
     import gguf
 
+    params, q = fit_k_params(w, h, qtype, seed)
+    data = pack_k(qtype, params, q)
     return data, gguf.quants.dequantize(data, gguf.GGMLQuantizationType[qtype])
 
 

@@ -164,19 +164,31 @@ def _round_half_away(x: np.ndarray) -> np.ndarray:
     return np.sign(x) * np.floor(np.abs(x) + 0.5)
 
 
-def quantize_q8_0(w: np.ndarray) -> np.ndarray:
-    """float (rows, in) -> Q8_0 bytes; round-to-nearest with d = max|w|/127 per block (the reference rule)."""
+def fit_q8_0_params(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(d float16 (rows, in/32), q int8 (rows, in)): round-to-nearest with d = max|w|/127 per block (the reference rule)."""
     w = np.asarray(w, dtype=np.float32)
     rows, n = w.shape
     wb = w.reshape(rows, n // QK, QK)
     d = np.abs(wb).max(axis=-1) / 127
     inv = np.where(d == 0, 0, 1 / np.where(d == 0, 1, d)).astype(np.float32)
     q = np.clip(_round_half_away(wb * inv[..., None]), -127, 127).astype(np.int8)
-    return pack_q8_0(q.reshape(rows, n), d.astype(np.float16))
+    return d.astype(np.float16), q.reshape(rows, n)
+
+
+def quantize_q8_0(w: np.ndarray) -> np.ndarray:
+    """float (rows, in) -> Q8_0 bytes (fit_q8_0_params, packed)."""
+    d, q = fit_q8_0_params(w)
+    return pack_q8_0(q, d)
 
 
 def quantize_q6_k(w: np.ndarray) -> np.ndarray:
-    """float (rows, in) -> Q6_K bytes (in % 256 == 0).
+    """float (rows, in) -> Q6_K bytes (in % 256 == 0), see fit_q6_k_params."""
+    sc, d16, q = fit_q6_k_params(w)
+    return pack_q6_k(q, sc, d16)
+
+
+def fit_q6_k_params(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q6_K (sc int8 (rows, in/16), d float16 (rows, in/256), q uint8 0..63 (rows, in)) for float w, in % 256 == 0.
 
     Per 16-weight sub-block a scale is searched on a small grid around max|w|/32 (least squares
     over the codes at each candidate); the 16 scales of a super-block are then put on the int8
@@ -210,4 +222,4 @@ def quantize_q6_k(w: np.ndarray) -> np.ndarray:
     eff = df[..., None] * sc  # (rows, nsb, 16)
     q = np.clip(np.round(np.where(eff[..., None] == 0, 0, x / np.where(eff == 0, 1, eff)[..., None])), -32, 31)
     q = (q + 32).astype(np.uint8).reshape(rows, n)
-    return pack_q6_k(q, sc.astype(np.int8).reshape(rows, nsb * 16), d16)
+    return sc.astype(np.int8).reshape(rows, nsb * 16), d16, q

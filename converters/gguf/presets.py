@@ -134,12 +134,11 @@ def preset_plan(name: str, model_config: dict, tied: bool | None = None) -> dict
     n_head = int(c["num_attention_heads"])
     n_kv = int(c.get("num_key_value_heads") or n_head)
     n_embd = int(c["hidden_size"])
-    hd = int(c.get("head_dim") or n_embd // n_head)
-    n_ff = int(c["intermediate_size"])
     if tied is None:
         tied = bool(c.get("tie_word_embeddings", False))
     base = BASE[preset]
     plan: dict[str, tuple[str, int]] = {}
+    rows_in = _row_lengths(c)
 
     def put(tname, t, row):
         t = fallback_type(t, row)
@@ -152,22 +151,44 @@ def preset_plan(name: str, model_config: dict, tied: bool | None = None) -> dict
     else:
         put("token_embd.weight", base, n_embd)
         put("output.weight", out_t, n_embd)
-    rows_in = {"attn_q": n_embd, "attn_k": n_embd, "attn_v": n_embd, "attn_output": n_head * hd,
-               "ffn_gate": n_embd, "ffn_up": n_embd, "ffn_down": n_ff}
     for i in range(n):
         for role in ROLES:
             put(f"blk.{i}.{role}.weight", _role_type(preset, role, i, n, n_head // n_kv), rows_in[role])
     return plan
 
 
-def preset_bits(name: str, model_config: dict, prefix: str = "model.layers") -> dict[str, int]:
-    """{HF linear module name: bits the master should use} for a preset (the pipeline's per-tensor widths)."""
+def _row_lengths(c: dict) -> dict[str, int]:
+    """Input dim (the GGUF row length) of each linear role."""
+    n_head = int(c["num_attention_heads"])
+    n_embd = int(c["hidden_size"])
+    hd = int(c.get("head_dim") or n_embd // n_head)
+    return {"attn_q": n_embd, "attn_k": n_embd, "attn_v": n_embd, "attn_output": n_head * hd,
+            "ffn_gate": n_embd, "ffn_up": n_embd, "ffn_down": int(c["intermediate_size"])}
+
+
+def _by_module(plan: dict[str, tuple[str, int]], prefix: str, pick: int) -> dict:
     out = {}
-    for tname, (_, bits) in preset_plan(name, model_config).items():
+    for tname, entry in plan.items():
         m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", tname)
         if m:
-            out[f"{prefix}.{m.group(1)}.{ROLES[m.group(2)]}"] = bits
+            out[f"{prefix}.{m.group(1)}.{ROLES[m.group(2)]}"] = entry[pick]
     return out
+
+
+def preset_bits(name: str, model_config: dict, prefix: str = "model.layers") -> dict[str, int]:
+    """{HF linear module name: bits the master should use} for a preset (the pipeline's per-tensor widths)."""
+    return _by_module(preset_plan(name, model_config), prefix, 1)
+
+
+def linear_types(model_config: dict, preset: str | None = None, qtype: str | None = None,
+                 prefix: str = "model.layers") -> dict[str, str]:
+    """{HF linear module name: GGUF type}: a preset's per-tensor plan, or one type for every linear with
+    llama-quantize's fallback for rows its block does not divide (what the K-quant-aware mode quantizes for)."""
+    if preset is not None:
+        return _by_module(preset_plan(preset, model_config), prefix, 0)
+    rows_in = _row_lengths(model_config)
+    return {f"{prefix}.{i}.{mod}": fallback_type(qtype, rows_in[role])
+            for i in range(int(model_config["num_hidden_layers"])) for role, mod in ROLES.items()}
 
 
 def describe(name: str, model_config: dict) -> str:
@@ -255,8 +276,9 @@ def pack_q5_k(q: np.ndarray, sc: np.ndarray, mn: np.ndarray, d: np.ndarray, dmin
     return np.concatenate([k4[..., :16], qh, k4[..., 16:]], -1).reshape(rows, nsb * 176)
 
 
-def fit_q5_k(w: np.ndarray, h: np.ndarray) -> np.ndarray:
-    """Q5_K refit of w (rows, n), n % 256 == 0, on Σ h (w - ŵ)² (same steps as kquants.fit_k)."""
+def fit_q5_k_params(w: np.ndarray, h: np.ndarray):
+    """Q5_K parameters for w (rows, n), n % 256 == 0, on Σ h (w - ŵ)² (same steps as kquants.fit_k_params).
+    Returns ((sc, mn, d16, dm16), q uint8 0..31)."""
     from .kquants import fit_affine_blocks, search_super_scales
 
     B, levels, imax = 32, 32, 63
@@ -268,9 +290,15 @@ def fit_q5_k(w: np.ndarray, h: np.ndarray) -> np.ndarray:
     s_t, m_t = d16.astype(np.float64), np.minimum(m16.astype(np.float64), 0.0)
     d0, dm0 = s_t.max(-1) / imax, (-m_t).max(-1) / imax
     d, dm, sc, mn, q = search_super_scales(x, hh, s_t, m_t, d0, dm0, levels, imax, True)
-    return pack_q5_k(q.reshape(rows, n).astype(np.uint8), sc.reshape(rows, nsup * nsub).astype(np.int64),
-                     mn.reshape(rows, nsup * nsub).astype(np.int64),
-                     d.astype(np.float16).reshape(rows, nsup), dm.astype(np.float16).reshape(rows, nsup))
+    params = (sc.reshape(rows, nsup * nsub).astype(np.int64), mn.reshape(rows, nsup * nsub).astype(np.int64),
+              d.astype(np.float16).reshape(rows, nsup), dm.astype(np.float16).reshape(rows, nsup))
+    return params, q.reshape(rows, n).astype(np.uint8)
+
+
+def fit_q5_k(w: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """Q5_K refit of w (rows, n), n % 256 == 0, on Σ h (w - ŵ)²: packed bytes."""
+    params, q = fit_q5_k_params(w, h)
+    return pack_q5_k(q, *params)
 
 
 def refit_extra(w: np.ndarray, hdiag: np.ndarray | None, qtype: str, note: str = "") -> PackedTensor:

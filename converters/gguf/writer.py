@@ -10,6 +10,7 @@ import numpy as np
 
 from converters.registry import ExportReport, TensorReport
 from neuqi_export.errors import UserError
+from neuqi_export.master import GGUFLinear
 
 from . import metadata
 from .exact import LEGACY_TYPES, NotRepresentable, PackedTensor, master_dequant, pack_exact, weighted_error
@@ -139,6 +140,33 @@ def _pack_linear(lin, qtype: str, perm: np.ndarray | None) -> PackedTensor:
     return _fallback_float(w, hdiag, why)
 
 
+def _pack_typed(lin: GGUFLinear, qtype: str, perm: np.ndarray | None) -> PackedTensor:
+    """A linear already quantized for a GGUF type: its blocks as they are (rows permuted for rope), or, when
+    the export asks for another type, a refit of its values on its diag(H)."""
+    data = lin.data.cpu().numpy()
+    if lin.qtype == qtype:
+        return PackedTensor(data if perm is None else data[perm], qtype, True, 0.0, 0.0,
+                            "exact (quantized on this type's lattice)")
+    w = lin.dequantize().double().numpy()
+    w = w if perm is None else w[perm]
+    hdiag = None if lin.hdiag is None else lin.hdiag.float().cpu().numpy()
+    n = w.shape[1]
+    from .presets import BLOCK, EXTRA_TYPES, refit_extra
+
+    note = f"refit from {lin.qtype}"
+    if qtype in ("F16", "F32"):
+        return _float_tensor(w, qtype)
+    if n % BLOCK.get(qtype, QK):
+        return _fallback_float(w, hdiag, f"{qtype} does not divide input dim {n}")
+    if qtype in EXTRA_TYPES:
+        return refit_extra(w, hdiag, qtype, note)
+    if qtype in LEGACY_TYPES:
+        return refit_legacy(w, hdiag, qtype, note)
+    from .kquants import refit_k
+
+    return refit_k(w, hdiag, qtype, 8, n)
+
+
 def _fallback_float(w: np.ndarray, hdiag, why: str) -> PackedTensor:
     w16 = w.astype(np.float16)
     h = np.ones(w.shape[1]) if hdiag is None else hdiag
@@ -185,7 +213,7 @@ def export_gguf(master, out, qtype: str = "Q4_1", embed_type: str = "auto", outp
     config = master.config
     arch, permute = metadata.gguf_arch(config)
     max_bits, file_type = WEIGHT_TYPES[qtype]
-    too_wide = sorted({lin.bits for lin in master.linears.values() if lin.bits > max_bits})
+    too_wide = sorted({lin.bits for lin in master.linears.values() if not isinstance(lin, GGUFLinear) and lin.bits > max_bits})
     if plan is not None:
         file_type = _presets.FILE_TYPE[preset]
         too_wide = []
@@ -244,12 +272,14 @@ def export_gguf(master, out, qtype: str = "Q4_1", embed_type: str = "auto", outp
             if tname not in plan:
                 raise UserError(f"preset {preset} has no rule for {tname}; export with a plain --type")
             ltype, type_bits = plan[tname]
-            if lin.bits > type_bits and not narrow:
+            if not isinstance(lin, GGUFLinear) and lin.bits > type_bits and not narrow:
                 raise UserError(f"preset {preset} stores {tname} as {ltype} ({type_bits}-bit) but the master holds "
                                 f"{lin.bits}-bit codes for it; re-quantize with the preset's bit widths "
                                 f"(converters.gguf.presets.preset_bits) or at most {type_bits} bits, or pass --allow-narrower to refit them")
+        elif isinstance(lin, GGUFLinear) and qtype in _presets.TYPE_BITS and lin.qtype == _presets.fallback_type(qtype, lin.shape[1]):
+            ltype = lin.qtype  # quantized for this type, or for llama-quantize's fallback of it
         say(f"packing {lname} ({ltype})")
-        entries.append((tname, _pack_linear(lin, ltype, perm)))
+        entries.append((tname, _pack_typed(lin, ltype, perm) if isinstance(lin, GGUFLinear) else _pack_linear(lin, ltype, perm)))
     for k in sorted(tensors, key=_layer_key):
         if _SKIP.search(k):
             continue

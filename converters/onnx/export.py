@@ -8,7 +8,7 @@ from pathlib import Path
 import onnx
 from onnx import helper
 
-from converters.registry import ExportReport, TensorReport
+from converters.registry import ExportReport, TensorReport, prepare_output
 from neuqi_export.atomic import atomic_directory
 from neuqi_export.errors import UserError
 
@@ -70,9 +70,7 @@ def _report(g: DecoderGraph, dtype: str, path: Path, nbytes: int) -> ExportRepor
 
 def export_onnx(master, out, dtype: str = "fp32", zero_point: str = "fast", accuracy_level: int = ACCURACY_LEVEL_DEFAULT,
                 overwrite: bool = False, external_data: bool | None = None) -> ExportReport:
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise UserError(f"output '{out}' already exists; choose another -o or pass --force")
+    out = prepare_output(master, out, overwrite, "the ONNX exporter")
     if out.exists() and not out.is_dir():
         raise UserError(f"output '{out}' is a file; the ONNX export writes a directory, choose another -o")
     model, g = build_model(master, dtype=dtype, zero_point=zero_point, accuracy_level=accuracy_level)

@@ -29,18 +29,28 @@ def test_quantize_eval_export_convert(tiny_llama_dir, real_assets, tmp_path, cap
     assert "onnxruntime" in capsys.readouterr().out
 
 
-def test_convert_to_a_gguf_mixture_quantizes_8_bit_and_refits(tiny_llama_dir, real_assets, tmp_path, capsys):
+def test_convert_to_a_gguf_mixture(tiny_llama_dir, real_assets, tmp_path, capsys):
+    """Default: every linear fitted and GPTQ'd on its own GGUF type (K-quant-aware); --gguf-fit master: an 8-bit
+    master refit per tensor. Both give llama-quantize's per-tensor types."""
     import gguf
 
     from converters.gguf.presets import preset_plan
     from neuqi_export.arch import read_model_dir
 
     calib = ["--calib", str(real_assets.calib_text), "--nsamples", "2", "--seqlen", "64", "--quiet"]
-    out = tmp_path / "q.gguf"
-    assert main(["convert", str(tiny_llama_dir), "--to", "gguf", "--type", "Q4_K_M", "--group-size", "32", "-o",
-                 str(out), *calib]) == 0
-    text = capsys.readouterr().out
-    assert "8-bit master" in text and "refit" in text
     plan = preset_plan("Q4_K_M", read_model_dir(tiny_llama_dir)[1])
-    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors}
-    assert all(types[name] == t for name, (t, _) in plan.items() if name in types)
+    for fit, expect in ((None, "running GPTQ on that lattice"), ("master", "8-bit master")):
+        out = tmp_path / f"q-{fit}.gguf"
+        extra = ["--gguf-fit", fit] if fit else []
+        assert main(["convert", str(tiny_llama_dir), "--to", "gguf", "--type", "Q4_K_M", "--gptq", "--group-size", "32",
+                     "-o", str(out), *extra, *calib]) == 0
+        text = capsys.readouterr().out
+        assert expect in text, text
+        types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors}
+        assert all(types[name] == t for name, (t, _) in plan.items() if name in types)
+        if fit is None:
+            assert "0 refit" in text or "1 refit" in text  # only the float token_embd is refit
+    assert main(["convert", str(tiny_llama_dir), "--to", "gguf", "--type", "Q4_1", "--gguf-fit", "lattice",
+                 "-o", str(tmp_path / "x.gguf"), *calib]) == 2
+    assert "--gguf-fit lattice is for K types" in capsys.readouterr().err
+    assert not (tmp_path / "x.gguf").exists()
