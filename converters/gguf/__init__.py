@@ -43,7 +43,7 @@ from pathlib import Path
 from converters.registry import Exporter, register
 
 from .presets import PRESETS
-from .writer import FLOAT_TYPES, WEIGHT_TYPES, export_gguf
+from .writer import FLOAT_TYPES, WEIGHT_TYPES, export_gguf, export_original
 
 from .kquants import _register as _register_k
 
@@ -96,4 +96,4 @@ register(Exporter(
     export=export,
 ))
 
-__all__ = ["export_gguf", "export", "add_arguments"]
+__all__ = ["export_gguf", "export_original", "export", "add_arguments"]

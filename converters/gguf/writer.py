@@ -339,6 +339,20 @@ def export_gguf(master, out, qtype: str = "Q4_1", embed_type: str = "auto", outp
     return report
 
 
+def export_original(model_dir, out, qtype: str = "F16", overwrite: bool = False) -> ExportReport:
+    """A HF model's own (unquantized) weights as a GGUF, every tensor `qtype` (F16/F32): llama-quantize's input."""
+    import torch
+
+    from neuqi_export.master import MasterCheckpoint
+    from neuqi_export.modeling import load_hf_model
+
+    model, _, config = load_hf_model(model_dir)
+    sd = {k: v.detach().to(torch.float32).cpu() for k, v in model.state_dict().items()}
+    cfg = dict(config, quantization_config={"quant_method": "neuqi", "calibrated": False})
+    master = MasterCheckpoint(config=cfg, linears={}, tensors=sd, tokenizer_dir=Path(model_dir))
+    return export_gguf(master, out, qtype=qtype, embed_type=qtype, output_type=qtype, overwrite=overwrite)
+
+
 def _is_tied(master) -> bool:
     return bool(master.config.get("tie_word_embeddings", False)) or "lm_head.weight" not in master.tensors
 
