@@ -14,6 +14,10 @@ def _add_quantize(sub) -> None:
     p.add_argument("model_dir", help="local Hugging Face model directory (config.json + safetensors)")
     p.add_argument("-o", "--output", required=True, help="master checkpoint directory to write")
     _add_quant_options(p)
+    p.add_argument("--for-gguf", default=None, metavar="TYPE",
+                   help="quantize every linear on a GGUF type's own lattice (K-quant-aware) instead of a uniform grid: "
+                        "a K type (Q2_K..Q6_K, with llama-quantize's fallbacks) or a llama-quantize mixture (Q3_K_M, "
+                        "Q4_K_M, ...); the master then exports to GGUF only (export --to gguf --type TYPE)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -136,6 +140,8 @@ def cmd_quantize(args) -> int:
     from .pipeline import quantize_model
 
     opts = _options(args)
+    if args.for_gguf:
+        opts.gguf_types = _lattice_types(args.model_dir, args.for_gguf, preset=None)
     text = None if args.no_calib else read_text(_text_path(args.calib, "calib"))
     summary = quantize_model(_model_path(args.model_dir), args.output, opts, calib_text=text, device=args.device,
                              force=args.force, progress=not args.quiet)
@@ -224,14 +230,8 @@ def cmd_convert(args) -> int:
                   "(pass --bits to choose the master's width)")
     opts = _options(args)
     if fit == "lattice":
-        from converters.gguf.presets import linear_types
-
-        from .arch import read_model_dir
-
-        _, config, spec = read_model_dir(_model_path(args.source))
-        preset = getattr(args, "preset", None) or (args.gguf_type if _gguf_mixture(args) else None)
-        opts.gguf_types = linear_types(config, preset=preset, qtype=None if preset else args.gguf_type,
-                                       prefix=spec.blocks_path)
+        preset = getattr(args, "preset", None)
+        opts.gguf_types = _lattice_types(args.source, args.gguf_type, preset)
         print(f"GGUF {preset or args.gguf_type}: fitting each linear's block parameters for its GGUF type on diag(H)"
               + (" and running GPTQ on that lattice" if opts.gptq else " (add --gptq to run GPTQ on that lattice)"))
     text = None if args.no_calib else read_text(_text_path(args.calib, "calib"))
@@ -245,6 +245,25 @@ def cmd_convert(args) -> int:
 
 GGUF_FITS = ("lattice", "master")
 GGUF_FIT_DEFAULT = "lattice"
+
+
+def _lattice_types(model: str, qtype: str, preset: str | None) -> dict[str, str]:
+    """{linear: GGUF type} for the K-quant-aware mode: `preset`'s plan, a mixture name's plan, or one K type
+    with llama-quantize's fallbacks; UserError for a type that has no lattice mode."""
+    from converters.gguf.lattice import LATTICES
+    from converters.gguf.presets import PRESETS, linear_types
+    from converters.gguf.writer import WEIGHT_TYPES
+
+    from .arch import read_model_dir
+
+    name = str(qtype).upper()
+    if preset is None and name in PRESETS and name not in WEIGHT_TYPES:
+        preset = name
+    if preset is None and name not in LATTICES:
+        raise UserError(f"GGUF type {qtype!r} has no K-quant-aware mode; use a K type (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) "
+                        f"or a llama-quantize mixture ({', '.join(p for p in PRESETS if p not in WEIGHT_TYPES)})")
+    _, config, spec = read_model_dir(_model_path(model))
+    return linear_types(config, preset=preset, qtype=None if preset else name, prefix=spec.blocks_path)
 
 
 def _gguf_fit(args) -> str | None:

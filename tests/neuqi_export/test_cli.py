@@ -54,3 +54,17 @@ def test_convert_to_a_gguf_mixture(tiny_llama_dir, real_assets, tmp_path, capsys
                  "-o", str(tmp_path / "x.gguf"), *calib]) == 2
     assert "--gguf-fit lattice is for K types" in capsys.readouterr().err
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_quantize_for_gguf_then_export(tiny_llama_dir, real_assets, tmp_path, capsys):
+    """`quantize --for-gguf Q3_K_M` keeps the K-quant-aware master; `export --to gguf --type Q3_K_M` writes its
+    blocks unchanged (every linear exact); a type without a lattice mode is refused in one line."""
+    calib = ["--calib", str(real_assets.calib_text), "--nsamples", "2", "--seqlen", "64", "--quiet"]
+    assert main(["quantize", str(tiny_llama_dir), "-o", str(tmp_path / "m"), "--for-gguf", "Q3_K_M", "--gptq", *calib]) == 0
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "m"), "--to", "gguf", "--type", "Q3_K_M", "-o", str(tmp_path / "m.gguf")]) == 0
+    text = capsys.readouterr().out
+    assert "14 linears" not in text and "refit blk." not in text, text
+    assert main(["quantize", str(tiny_llama_dir), "-o", str(tmp_path / "x"), "--for-gguf", "IQ2_XS", *calib]) == 2
+    assert "has no K-quant-aware mode" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
