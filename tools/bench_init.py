@@ -10,12 +10,15 @@ of each layer are timed: init_params treats every (row, group) independently wit
 work, so groups/s measured on the subset is the layer's rate, and the full-layer time is EXTRAPOLATED as
 total groups / rate (the table says so). One untimed warm-up call per configuration.
 
---impls times the implementations of neuqi/mse side by side: `reference` (the torch path) and `auto` (the
-compiled numba kernel of neuqi_export/quant/fast_cpu.py when numba is installed and the device is the CPU,
-else the torch path). Each configuration reports the MEDIAN of --repeats timed calls, in wall-clock seconds
-and in process CPU seconds (user + system of all threads; on a shared, loaded machine the CPU seconds are the
-steadier measure of the work), and for non-reference implementations the ratio of the summed diag-H loss to
-the reference's and the worst per-group ratio.
+--impls times the implementations of neuqi/mse side by side: `reference` (the torch path), `auto` (the
+compiled numba kernel of neuqi_export/quant/fast_cpu.py on the CPU when numba is installed, the Triton kernel
+of neuqi_export/quant/fast_triton.py on CUDA when triton is installed, else the torch path), `numba` and
+`triton` (forced). With --device cuda the default is `reference triton`: the plain torch path and the Triton
+kernel, one row each, the Triton row with its loss ratio to the torch path. Each configuration reports the
+MEDIAN of --repeats timed calls, in wall-clock seconds and in process CPU seconds (user + system of all
+threads; on a shared, loaded machine the CPU seconds are the steadier measure of the work), and for
+non-reference implementations the ratio of the summed diag-H loss to the reference's and the worst per-group
+ratio.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from neuqi_export.quant.params import group_loss, init_params  # noqa: E402
+from neuqi_export.quant.params import _have_triton, group_loss, init_params  # noqa: E402
 import statistics  # noqa: E402
 
 SHAPES = {"4096x4096": (4096, 4096), "11008x4096": (11008, 4096)}
@@ -95,8 +98,9 @@ def main(argv=None) -> int:
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--methods", nargs="+", default=["neuqi", "neuqi_int", "minmax"])
     p.add_argument("--repeats", type=int, default=3, help="timed calls per configuration (the median is reported)")
-    p.add_argument("--impls", nargs="+", default=["auto"], choices=["auto", "reference", "numba"],
-                   help="implementations of neuqi/mse to time (minmax/neuqi_int have one)")
+    p.add_argument("--impls", nargs="+", default=None, choices=["auto", "reference", "numba", "triton"],
+                   help="implementations of neuqi/mse to time (minmax/neuqi_int have one); default: 'auto' on the "
+                   "CPU, 'reference triton' on CUDA (the reference first: later rows get its loss ratio)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = leave torch's default)")
     p.add_argument("--note", default="", help="free text added to the report (e.g. machine load)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "BENCH_INIT.md"))
@@ -104,6 +108,8 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is available; use --device cpu", file=sys.stderr)
         return 2
+    if args.impls is None:
+        args.impls = ["reference", "triton"] if args.device == "cuda" and _have_triton() else ["auto"]
     if args.threads:
         torch.set_num_threads(args.threads)
     cmd = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + (argv or sys.argv[1:]))
@@ -137,9 +143,9 @@ def main(argv=None) -> int:
         f"- torch {torch.__version__}, {torch.get_num_threads()} CPU thread(s), Python {platform.python_version()}",
         f"- date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}",
         f"- group size {args.group_size}; median of {args.repeats} timed call(s) after one warm-up (wall and process "
-        "CPU seconds); impl `reference` = the torch path, `auto` = the numba kernel (fast_cpu.py) if numba is "
-        "installed and the device is the CPU; loss ratio = Σ diag-H loss of the impl / that of `reference` "
-        "(and the worst per-group ratio)",
+        "CPU seconds); impl `reference` = the torch path, `numba` = the numba kernel (fast_cpu.py), `triton` = the "
+        "Triton kernel (fast_triton.py), `auto` = numba on the CPU / Triton on CUDA when installed; loss ratio = "
+        "Σ diag-H loss of the impl / that of `reference` (and the worst per-group ratio)",
     ]
     if args.note:
         lines.append(f"- note: {args.note}")

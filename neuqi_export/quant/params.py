@@ -22,7 +22,10 @@ Everything is vectorised over all (row, group) pairs of a layer (chunked to boun
 runs only over the scale candidates), float32 on the device of `weight`. On the CPU, ``neuqi``/``mse`` run
 by default (``impl="auto"``) in the compiled kernel of `fast_cpu.py` when the optional package numba is
 installed (same grids and method, float64 inside, ~10-17x the CPU throughput); ``impl="reference"`` forces
-this torch path, which is also the fallback without numba and the path on CUDA. Full groups and the shorter last
+this torch path, which is also the fallback without numba. On CUDA, ``impl="auto"`` (or ``"triton"``) runs
+them in the Triton kernel of `fast_triton.py` when the optional package triton is installed (groups of up to
+256 weights; longer per-channel rows stay on the torch path); ``impl="triton"`` on a CPU tensor runs that
+kernel in Triton's interpreter (TRITON_INTERPRET=1, for tests). Full groups and the shorter last
 group (in_features not a multiple of the group size) are two batches. A constant group (max = min, or a
 range below (L−1)·2⁻¹⁴ of its magnitude, where a float32 zero-point could not place the grid) gets
 s = |c|/(L−1) with Z = 0 (c > 0) or Z = L−1 (c < 0), which reproduces c; an all-zero group gets
@@ -42,9 +45,10 @@ from .zeropoint import VALID_BITS, _check_bits, stage_a_sorted
 
 METHODS = ("minmax", "mse", "neuqi_int", "neuqi")
 _DEFAULTS = dict(coarse=64, fine=16, fine_div=2048, int_grid="coarse_fine", chunk_elems=None, refine=2, impl="auto")
-IMPLS = ("auto", "reference", "numba")
+IMPLS = ("auto", "reference", "numba", "triton")
 _ZERO_GROUP_SCALE = 2.0 ** -24
 _DEGENERATE_RATIO = 2.0 ** 14  # max|w| / s₀ above this: treat the group as constant
+_TRITON_MAX_GROUP = 256  # fast_triton.MAX_GROUP; longer groups take the torch path
 
 
 def _check_group_size(group_size) -> int:
@@ -70,9 +74,26 @@ def _options(grid_options: dict) -> dict:
         raise UserError(f"impl={opts['impl']!r} is unknown; use one of {', '.join(IMPLS)}")
     if opts["impl"] == "numba" and not _fast.HAVE_NUMBA:
         raise UserError("impl='numba' needs the optional package numba (pip install numba); use impl='auto'")
+    if opts["impl"] == "triton" and not _have_triton():
+        raise UserError("impl='triton' needs the optional package triton (pip install triton); use impl='auto'")
     if opts["int_grid"] not in ("dense", "coarse_fine"):
         raise UserError(f"int_grid={opts['int_grid']!r} is unknown; use 'dense' or 'coarse_fine'")
     return opts
+
+
+_TRITON_OK = None
+
+
+def _have_triton() -> bool:
+    """Whether the optional package triton imports (checked once)."""
+    global _TRITON_OK
+    if _TRITON_OK is None:
+        try:
+            import triton  # noqa: F401
+            _TRITON_OK = True
+        except Exception:
+            _TRITON_OK = False
+    return _TRITON_OK
 
 
 def _check_weight(weight: Tensor) -> None:
@@ -163,6 +184,9 @@ def _fit_batch(wg: Tensor, hg: Tensor | None, bits: int, method: str, opts: dict
     ws, hs, wmin, s0, degenerate = _prep(wg, hg, L)
     if method == "minmax":
         s, z = s0, torch.round(-wmin / s0)
+    elif method in ("neuqi", "mse") and opts.get("_triton", False) and ws.shape[1] <= _TRITON_MAX_GROUP:
+        from . import fast_triton  # lazy: triton is optional
+        s, z = fast_triton.search_scales(ws, hs, s0, bits, opts["coarse"], opts["fine"], opts["fine_div"])
     elif method in ("neuqi", "mse") and opts.get("_fast", False):
         s, z = _fast.search_scales(ws, hs, s0, bits, opts["coarse"], opts["fine"], opts["fine_div"])
     elif method in ("neuqi", "mse"):
@@ -260,8 +284,9 @@ def init_params(weight: Tensor, bits: int, group_size: int, method: str = "neuqi
     grid_options: coarse=64, fine=16, fine_div=2048 (Stage B grid), int_grid='coarse_fine'|'dense'
     (neuqi_int's scale grid), chunk_elems (group elements per batch; default 2**16 on CPU, 2**22 on GPU),
     refine=2 (Stage A candidates re-evaluated element-wise; torch path only),
-    impl='auto'|'reference'|'numba' (neuqi/mse on CPU: 'auto' uses the compiled numba kernel of
-    `fast_cpu` when numba is installed, else the torch path; 'reference' forces the torch path)."""
+    impl='auto'|'reference'|'numba'|'triton' (neuqi/mse: 'auto' uses the numba kernel of `fast_cpu` on CPU
+    when numba is installed and the Triton kernel of `fast_triton` on CUDA when triton is installed, else
+    the torch path; 'reference' forces the torch path)."""
     bits = _check_bits(bits)
     group_size = _check_group_size(group_size)
     if method not in METHODS:
@@ -273,9 +298,13 @@ def init_params(weight: Tensor, bits: int, group_size: int, method: str = "neuqi
     # the compiled CPU path (numba) for neuqi/mse: optional, the torch path is the fallback and the reference
     opts["_fast"] = (method in ("neuqi", "mse") and weight.device.type == "cpu" and _fast.HAVE_NUMBA
                      and opts["impl"] in ("auto", "numba"))
+    # the Triton kernel for neuqi/mse on CUDA (impl='triton' forces it, e.g. on CPU under TRITON_INTERPRET=1)
+    opts["_triton"] = (method in ("neuqi", "mse") and (opts["impl"] == "triton" or (
+        opts["impl"] == "auto" and weight.device.type == "cuda" and _have_triton())))
     # CPU: small batches stay in cache (measured fastest); GPU: big batches, temporaries well under 1 GB;
     # the compiled path streams each group once, so its batches only bound the float32 copies
-    chunk = opts["chunk_elems"] or (1 << 22 if weight.device.type == "cuda" or opts["_fast"] else 1 << 16)
+    big = weight.device.type == "cuda" or opts["_fast"] or opts["_triton"]
+    chunk = opts["chunk_elems"] or (1 << 22 if big else 1 << 16)
     W = weight.detach().to(torch.float32)
     h = None
     if hdiag is not None and method in ("neuqi", "neuqi_int"):

@@ -133,4 +133,4 @@ def test_impl_option(monkeypatch):
         init_params(W, 3, 64, "neuqi", impl="numba")
     auto = init_params(W, 3, 64, "neuqi")  # without numba: the torch path
     assert torch.equal(auto[0], ref[0]) and torch.equal(auto[1], ref[1])
-    assert params.IMPLS == ("auto", "reference", "numba")
+    assert params.IMPLS == ("auto", "reference", "numba", "triton")
