@@ -38,6 +38,9 @@ from neuqi_export.quant.params import _have_triton, group_loss, init_params  # n
 import statistics  # noqa: E402
 
 SHAPES = {"4096x4096": (4096, 4096), "11008x4096": (11008, 4096)}
+# the linears of one LLaMA-2-7B block (q, k, v, o, gate, up, down) as (out, in); the model has 32 such blocks
+BLOCK_7B = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]
+MODEL = "llama2-7b-model"
 
 
 def _device_name(device: str) -> str:
@@ -88,12 +91,56 @@ def bench_one(out: int, inp: int, rows: int, bits: int, gs: int, method: str, de
     return r
 
 
+def bench_model(blocks: int, rows: int, bits: int, gs: int, method: str, device: str, impls: list[str]) -> dict:
+    """A whole 7B-shaped model (`blocks` x the 7 linears of BLOCK_7B, each with its own random weights, one timed
+    call each): per impl the summed seconds, groups/s, and the summed-loss ratio to the first impl."""
+    res = {i: dict(groups=0, seconds=0.0, cpu_seconds=0.0, loss=0.0, worst=1.0) for i in impls}
+    for b in range(blocks):
+        for k, (out, inp) in enumerate(BLOCK_7B):
+            g = torch.Generator().manual_seed(1000 * b + k)
+            torch.manual_seed(1000 * b + k)
+            n = out if rows <= 0 else min(rows, out)
+            W = (torch.distributions.StudentT(3.0).sample((n, inp)) * 0.02).to(device)
+            h = (torch.rand(inp, generator=g) ** 3 * 4 + 0.01).to(device)
+            first = None
+            for impl in impls:
+                opts = {} if method in ("minmax", "neuqi_int") else {"impl": "auto" if impl == "-" else impl}
+                if b == 0 and k in (0, 4, 6):  # warm-up per shape (JIT, autotuning, allocator)
+                    init_params(W[:8], bits, gs, method, hdiag=h, **opts)
+                _sync(device)
+                t, c = time.perf_counter(), time.process_time()
+                s, z = init_params(W, bits, gs, method, hdiag=h, **opts)
+                _sync(device)
+                r = res[impl]
+                r["seconds"] += time.perf_counter() - t
+                r["cpu_seconds"] += time.process_time() - c
+                r["groups"] += n * -(-inp // gs)
+                lo = group_loss(W, s, z, bits, gs, h if method == "neuqi" else None)
+                r["loss"] += float(lo.sum())
+                if first is None:
+                    first = lo
+                else:
+                    r["worst"] = max(r["worst"], float((lo / first.clamp_min(1e-300)).max()))
+    total = blocks * sum(o * -(-i // gs) for o, i in BLOCK_7B)
+    base = res[impls[0]]["loss"]
+    for r in res.values():
+        r.update(rate=r["groups"] / r["seconds"], cpu_rate=r["groups"] / r["cpu_seconds"],
+                 full_groups=32 * sum(o * -(-i // gs) for o, i in BLOCK_7B),
+                 sum_ratio=r["loss"] / base if base > 0 else 1.0, max_ratio=r["worst"])
+        r["full_seconds"] = r["full_groups"] / r["rate"]
+        r["measured_all"] = r["groups"] == r["full_groups"] and total == r["full_groups"]
+    return res
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--rows", type=int, default=0, help="time only this many output rows per layer (0 = all) "
                    "and extrapolate the full-layer time from the measured groups/s")
-    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES) + [MODEL],
+                   help=f"layers to time; {MODEL}: every linear of a LLaMA-2-7B-shaped model (--blocks of them)")
+    p.add_argument("--blocks", type=int, default=32, help=f"blocks of the {MODEL} row actually run (32 = the whole "
+                   "model; fewer: the whole-model time is extrapolated from them)")
     p.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4])
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--methods", nargs="+", default=["neuqi", "neuqi_int", "minmax"])
@@ -115,6 +162,18 @@ def main(argv=None) -> int:
     cmd = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + (argv or sys.argv[1:]))
     rows_out = []
     for shape in args.shapes:
+        if shape == MODEL:
+            for bits in args.bits:
+                for method in args.methods:
+                    impls = ["-"] if method in ("minmax", "neuqi_int") else args.impls
+                    res = bench_model(args.blocks, args.rows, bits, args.group_size, method, args.device, impls)
+                    for impl, r in res.items():
+                        r["sum_ratio"] = None if impl == impls[0] else r["sum_ratio"]
+                        rows_out.append((shape, bits, method, impl, args.rows, r))
+                        print(f"{shape} ({args.blocks} blocks) {bits}-bit {method} {impl}: {r['groups']:,} groups in "
+                              f"{r['seconds']:.2f} s = {r['rate']:,.0f} groups/s; whole model "
+                              f"{'' if r['measured_all'] else '~'}{r['full_seconds']:.1f} s", flush=True)
+            continue
         out, inp = SHAPES[shape]
         rows = out if args.rows <= 0 else min(args.rows, out)
         for bits in args.bits:
@@ -156,7 +215,18 @@ def main(argv=None) -> int:
     lines += ["", "| layer (out×in) | bits | method | impl | rows timed | groups timed | seconds | groups/s | "
               "CPU s | groups/CPU-s | full layer s | loss / reference (sum; worst group) |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    if MODEL in args.shapes:
+        lines.insert(-3, f"- {MODEL}: {args.blocks} block(s) × the 7 linears of a LLaMA-2-7B block "
+                     f"(4 × 4096×4096, 2 × 11008×4096, 4096×11008), each its own random weights, one timed call each"
+                     + ("" if args.blocks == 32 and args.rows <= 0 else "; whole-model seconds (32 blocks, all rows) "
+                        "extrapolated from the measured groups/s (marked ~)"))
     for shape, bits, method, impl, rows, r in rows_out:
+        if shape == MODEL:
+            full = f"{'' if r['measured_all'] else '~'}{r['full_seconds']:.1f}"
+            ratio = "" if r["sum_ratio"] is None else f"{r['sum_ratio']:.9f}; {r['max_ratio']:.6f}"
+            lines.append(f"| {shape} | {bits} | {method} | {impl} | {rows or 'all'} | {r['groups']} | {r['seconds']:.3f} | "
+                         f"{r['rate']:,.0f} | {r['cpu_seconds']:.3f} | {r['cpu_rate']:,.0f} | {full} | {ratio} |")
+            continue
         full = f"{'~' if rows < SHAPES[shape][0] else ''}{r['full_seconds']:.1f}"
         ratio = "" if r["sum_ratio"] is None else f"{r['sum_ratio']:.9f}; {r['max_ratio']:.6f}"
         lines.append(f"| {shape} | {bits} | {method} | {impl} | {rows} | {r['groups']} | {r['seconds']:.3f} | "
