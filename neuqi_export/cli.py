@@ -79,6 +79,9 @@ def _add_quant_options(p) -> None:
     p.add_argument("--calib", default="auto",
                    help="calibration text file; 'auto' (default) = the fetched Wikipedia lead sections")
     p.add_argument("--no-calib", action="store_true", help="data-free: h ≡ 1, no GPTQ")
+    p.add_argument("--imatrix", default=None, metavar="FILE",
+                   help="a llama.cpp importance matrix (.gguf or .dat, e.g. from llama-imatrix) used as diag(H) in place "
+                        "of calibration text (no GPTQ: it needs the full H)")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows (paper: 128)")
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window (paper: 2048)")
     p.add_argument("--seed", type=int, default=0)
@@ -130,7 +133,7 @@ def _options(args):
 
     opts = QuantizeOptions(bits=args.bits, group_size=args.group_size, init=args.init, gptq=args.gptq,
                            act_order=not args.no_act_order, nsamples=args.nsamples, seqlen=args.seqlen,
-                           seed=args.seed, calibrate=not args.no_calib)
+                           seed=args.seed, calibrate=not (args.no_calib or args.imatrix), imatrix=args.imatrix)
     opts.validate()
     return opts
 
@@ -142,7 +145,7 @@ def cmd_quantize(args) -> int:
     opts = _options(args)
     if args.for_gguf:
         opts.gguf_types = _lattice_types(args.model_dir, args.for_gguf, preset=None)
-    text = None if args.no_calib else read_text(_text_path(args.calib, "calib"))
+    text = None if not opts.calibrate else read_text(_text_path(args.calib, "calib"))
     summary = quantize_model(_model_path(args.model_dir), args.output, opts, calib_text=text, device=args.device,
                              force=args.force, progress=not args.quiet)
     print(summary)
@@ -234,7 +237,7 @@ def cmd_convert(args) -> int:
         opts.gguf_types = _lattice_types(args.source, args.gguf_type, preset)
         print(f"GGUF {preset or args.gguf_type}: fitting each linear's block parameters for its GGUF type on diag(H)"
               + (" and running GPTQ on that lattice" if opts.gptq else " (add --gptq to run GPTQ on that lattice)"))
-    text = None if args.no_calib else read_text(_text_path(args.calib, "calib"))
+    text = None if not opts.calibrate else read_text(_text_path(args.calib, "calib"))
     with tempfile.TemporaryDirectory(prefix=".neuqi-convert-", dir=out.parent if out.parent.exists() else None) as tmp:
         master_dir = Path(tmp) / "master"
         print(quantize_model(_model_path(args.source), master_dir, opts, calib_text=text, device=args.device,

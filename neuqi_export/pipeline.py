@@ -50,6 +50,8 @@ class QuantizeOptions:
     # K-quant-aware mode: {HF linear name: GGUF type}; those linears are fitted and GPTQ'd on the type's
     # own lattice (converters.gguf.lattice) instead of a uniform `bits` grid
     gguf_types: dict | None = None
+    # a llama.cpp imatrix file whose per-linear h replaces calibration (data-free otherwise: no GPTQ)
+    imatrix: str | None = None
 
     def validate(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -61,8 +63,11 @@ class QuantizeOptions:
             raise UserError(f"--init {self.init!r} is unknown; use one of {', '.join(INIT_METHODS)}")
         if self.nsamples < 1 or self.seqlen < 2:
             raise UserError("--nsamples must be >= 1 and --seqlen >= 2")
+        if self.imatrix and self.calibrate:
+            raise UserError("--imatrix replaces calibration text; pass --no-calib with it (or drop --imatrix)")
         if self.gptq and not self.calibrate:
-            raise UserError("--gptq needs calibration data; drop --no-calib or --gptq")
+            raise UserError("--gptq needs calibration text (an imatrix holds only diag(H)); drop --gptq, or "
+                            "calibrate instead of --no-calib/--imatrix")
 
 
 @dataclass
@@ -142,6 +147,8 @@ def _fingerprint(model_dir: Path, opts: QuantizeOptions, calib_text: str | None)
         h.update(f"{f.name}:{f.stat().st_size}".encode())
     if calib_text is not None:
         h.update(hashlib.sha256(calib_text.encode()).digest())
+    if opts.imatrix:
+        h.update(hashlib.sha256(Path(opts.imatrix).read_bytes()).digest())
     return h.hexdigest()[:16]
 
 
@@ -177,13 +184,21 @@ def _load_block(path: Path, names: list, opts: QuantizeOptions) -> tuple[dict, d
     return records, losses
 
 
-def quantize_linear(W: torch.Tensor, H: torch.Tensor | None, opts: QuantizeOptions,
-                    name: str | None = None) -> tuple[QuantizedLinear | GGUFLinear, dict]:
+def quantize_linear(W: torch.Tensor, H: torch.Tensor | None, opts: QuantizeOptions, name: str | None = None,
+                    importance: torch.Tensor | None = None) -> tuple[QuantizedLinear | GGUFLinear, dict]:
     """Init params for every group of W (from the original W), then GPTQ or round-to-nearest; a linear
-    that opts.gguf_types names is quantized on its GGUF type's lattice instead."""
+    that opts.gguf_types names is quantized on its GGUF type's lattice instead. importance: an imatrix h
+    (n_in,) used as diag(H) when there is no H (damped like H)."""
     if not torch.isfinite(W).all():
         raise UserError("a weight contains NaN/Inf; repair the model before quantizing")
-    hdiag = torch.diagonal(H).to(torch.float32).contiguous() if H is not None else torch.ones(W.shape[1], device=W.device)
+    if H is not None:
+        hdiag = torch.diagonal(H).to(torch.float32).contiguous()
+    elif importance is not None:
+        h = importance.to(W.device, torch.float32)
+        hdiag = h + opts.percdamp * h.mean().clamp_min(1e-12)
+    else:
+        hdiag = torch.ones(W.shape[1], device=W.device)
+    has_h = H is not None or importance is not None
     if opts.gguf_types and name in opts.gguf_types:
         from converters.gguf.lattice import quantize_for_type
 
@@ -194,7 +209,7 @@ def quantize_linear(W: torch.Tensor, H: torch.Tensor | None, opts: QuantizeOptio
         losses["hessian"] = weighted_error(W, deq, H) if H is not None else losses["diag"]
         return rec, losses
     scale, zero = init_params(W, opts.bits, opts.group_size, method=opts.init,
-                              hdiag=hdiag if (opts.init in USES_HDIAG and H is not None) else None)
+                              hdiag=hdiag if (opts.init in USES_HDIAG and has_h) else None)
     eff_gs = W.shape[1] if opts.group_size == -1 else opts.group_size
     if opts.gptq:
         codes = gptq_quantize(W, H, scale, zero, opts.bits, opts.group_size, act_order=opts.act_order)
@@ -209,7 +224,7 @@ def quantize_linear(W: torch.Tensor, H: torch.Tensor | None, opts: QuantizeOptio
 
 @torch.no_grad()
 def _quantize_block(block, k: int, prefix: str, spec, inputs: list, kwargs: dict, opts: QuantizeOptions, device,
-                    bar) -> tuple[dict, dict]:
+                    bar, importance: dict | None = None) -> tuple[dict, dict]:
     records, losses = {}, {}
     layers = tqdm(total=len(spec.linear_names), desc=f"block {k} linears", unit="linear", leave=False,
                   disable=bar.disable)
@@ -239,7 +254,7 @@ def _quantize_block(block, k: int, prefix: str, spec, inputs: list, kwargs: dict
             W = lin.weight.data.to(torch.float32)
             if not torch.isfinite(W).all():
                 raise UserError(f"weight '{full}.weight' contains NaN/Inf; repair the model before quantizing")
-            rec, loss = quantize_linear(W, H, opts, full)
+            rec, loss = quantize_linear(W, H, opts, full, None if importance is None else importance.get(full))
             lin.weight.data = rec.dequantize().to(device, lin.weight.dtype)
             records[full], losses[full] = rec, loss
             layers.set_postfix_str(f"{name} loss {loss['hessian']:.3g}")
@@ -268,6 +283,13 @@ def quantize_model(model_dir, out, opts: QuantizeOptions, calib_text: str | None
     device = resolve_device(device)
     if opts.calibrate and calib_text is None:
         raise UserError("no calibration text given; pass --calib FILE (or --no-calib for data-free init)")
+    importance = None
+    if opts.imatrix:
+        from converters.gguf.imatrix import read_imatrix  # llama.cpp's file format lives with the GGUF converter
+
+        if not Path(opts.imatrix).is_file():
+            raise UserError(f"imatrix file '{opts.imatrix}' does not exist; pass a llama.cpp imatrix (.gguf or .dat)")
+        importance = read_imatrix(opts.imatrix, json.loads((model_dir / "config.json").read_text()))
     model, tokenizer, config = load_hf_model(model_dir)
     check_finite_weights(model)
     blocks = get_blocks(model, spec)
@@ -299,7 +321,7 @@ def quantize_model(model_dir, out, opts: QuantizeOptions, calib_text: str | None
                 lin.weight.data = rec.dequantize().to(device, lin.weight.dtype)
             resumed += 1
         else:
-            recs, ls = _quantize_block(block, k, prefix, spec, inputs, kwargs, opts, device, bar)
+            recs, ls = _quantize_block(block, k, prefix, spec, inputs, kwargs, opts, device, bar, importance)
             _save_block(block_file, recs, ls)
         records.update(recs)
         losses.update(ls)
@@ -313,7 +335,7 @@ def quantize_model(model_dir, out, opts: QuantizeOptions, calib_text: str | None
         tensors.pop("lm_head.weight", None)
     qcfg = {"quant_method": "neuqi", "bits": opts.bits, "group_size": opts.group_size, "init": opts.init,
             "gptq": opts.gptq, "act_order": opts.act_order, "static_groups": True, "nsamples": opts.nsamples,
-            "seqlen": opts.seqlen, "seed": opts.seed, "percdamp": opts.percdamp, "calibrated": opts.calibrate,
+            "seqlen": opts.seqlen, "seed": opts.seed, "percdamp": opts.percdamp, "calibrated": opts.calibrate, "imatrix": Path(opts.imatrix).name if opts.imatrix else None,
             "gguf_lattice": bool(opts.gguf_types)}
     master = MasterCheckpoint(config={**config, "quantization_config": qcfg}, linears=records, tensors=tensors,
                               tokenizer_dir=model_dir)

@@ -60,6 +60,9 @@ ABOUT = """## What the rows are
   sub-block scales and mins, IQ4_NL / Q5_0 / Q5_1 / Q8_0 block scales) are fitted on the original weights with the
   diag(H) objective, then GPTQ runs with those parameters fixed, rounding every column to the nearest value its
   sub-block offers (converters/gguf/lattice.py). The file holds exactly what GPTQ compensated for: nothing is refit.
+- **ours (K-quant-aware fit with llama-imatrix's file)** (`--lattice-imatrix`): `convert --to gguf --type TYPE
+  --imatrix FILE` with the very imatrix llama-quantize gets in the row below, no calibration text, no GPTQ: the
+  two quantizers' fits given the same importance.
 - **llama-quantize**: `llama-quantize F16.gguf OUT.gguf TYPE` from an F16 GGUF of the original SmolLM2 weights
   written by our exporter (`--type F16`); **+ imatrix (llama-imatrix)**: with `--imatrix` from
   `llama-imatrix -m F16.gguf -f CALIB -c SEQLEN --chunks NSAMPLES` on the same calibration text;
@@ -143,6 +146,9 @@ def main() -> None:
     ap.add_argument("--no-lattice", action="store_true", help="leave out the K-quant-aware row")
     ap.add_argument("--lattice-rtn", action="store_true",
                     help="add a K-quant-aware row without GPTQ (the diag-H fit alone: how much GPTQ adds)")
+    ap.add_argument("--lattice-imatrix", action="store_true",
+                    help="add a K-quant-aware row fitted with llama-imatrix's file instead of calibration (no GPTQ): "
+                         "our fits and llama-quantize's given the very same importance")
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--nsamples", type=int, default=128, help="calibration windows (ours and llama-imatrix --chunks)")
     ap.add_argument("--seqlen", type=int, default=512, help="calibration window (ours) = llama-imatrix -c")
@@ -187,20 +193,24 @@ def main() -> None:
         print(key, res, flush=True)
         return res
 
-    def get_master(preset: str, want: str = "auto", lattice: bool = False, rtn: bool = False) -> Path:
+    def get_master(preset: str, want: str = "auto", lattice: bool = False, rtn: bool = False,
+                   imatrix: Path | None = None) -> Path:
         bits = master_bits(preset, config) if want == "auto" else int(want)
-        key = f"master-{tag}-" + (f"lattice{'-rtn' if rtn else ''}-{preset}" if lattice else f"{bits}bit")
+        kind = "-imatrix" if imatrix else "-rtn" if rtn else ""
+        key = f"master-{tag}-" + (f"lattice{kind}-{preset}" if lattice else f"{bits}bit")
         out = work / key
-        label = ("K-quant-aware, no GPTQ" if rtn else "K-quant-aware") if lattice else f"{bits}-bit"
+        label = ("K-quant-aware, llama-imatrix" if imatrix else "K-quant-aware, no GPTQ" if rtn
+                 else "K-quant-aware") if lattice else f"{bits}-bit"
         if out.exists():
             return out, label
-        opts = QuantizeOptions(bits=bits, group_size=args.group_size, init=args.init, gptq=gptq and not rtn,
-                               nsamples=args.nsamples, seqlen=args.seqlen)
+        opts = QuantizeOptions(bits=bits, group_size=args.group_size, init=args.init,
+                               gptq=gptq and not rtn and not imatrix, nsamples=args.nsamples, seqlen=args.seqlen,
+                               calibrate=imatrix is None, imatrix=str(imatrix) if imatrix else None)
         if lattice:  # every linear fitted + GPTQ'd on its GGUF type (what `convert --gguf-fit lattice` does)
             opts.gguf_types = linear_types(config, preset=preset)
         t0 = time.time()
-        print(quantize_model(assets.model_dir, out, opts, calib_text=read_text(assets.calib_text), device=args.device,
-                             progress=False), flush=True)
+        text = read_text(assets.calib_text) if opts.calibrate else None
+        print(quantize_model(assets.model_dir, out, opts, calib_text=text, device=args.device, progress=False), flush=True)
         (work / f"{key}.time.json").write_text(json.dumps({"seconds": time.time() - t0}))
         return out, label
 
@@ -233,6 +243,9 @@ def main() -> None:
         if args.lattice_rtn:
             ldir, llabel = get_master(preset, lattice=True, rtn=True)
             masters[ldir] = llabel
+        if args.lattice_imatrix and imat_llama.exists():
+            ldir, llabel = get_master(preset, lattice=True, imatrix=imat_llama)
+            masters[ldir] = llabel
         for odir, olabel in masters.items():
             def ours(preset=preset, odir=odir):
                 out = work / f"ours-{odir.name}-{preset}.gguf"
@@ -243,7 +256,9 @@ def main() -> None:
                     print(f"  export {preset}: {time.time() - t0:.0f} s", flush=True)
                 return out
 
-            if olabel.startswith("K-quant-aware"):
+            if olabel == "K-quant-aware, llama-imatrix":
+                label = "ours (K-quant-aware fit with llama-imatrix's file, no calibration, no GPTQ)"
+            elif olabel.startswith("K-quant-aware"):
                 with_gptq = gptq and olabel == "K-quant-aware"
                 label = f"ours (K-quant-aware: diag-H fit{' + GPTQ' if with_gptq else ''} on each tensor's type{'' if with_gptq else ', no GPTQ'})"
             else:

@@ -81,3 +81,53 @@ def test_errors(master):
     m2.config = dict(m.config, quantization_config=dict(m.config["quantization_config"], calibrated=False))
     with pytest.raises(UserError, match="without calibration"):
         write_imatrix(m2, tmp / "u.gguf")
+
+
+def test_imatrix_replaces_calibration(tiny_llama_dir, tmp_path):
+    """`quantize --imatrix FILE`: the file's h (damped like H) is the NeUQI objective's diag(H) for every linear, in
+    the uniform and the K-quant-aware modes; GPTQ (needs the full H) and a missing file are refused."""
+    import json
+
+    from converters.gguf.imatrix import linear_names, write_imatrix_gguf
+    from neuqi_export.master import MasterCheckpoint
+    from neuqi_export.modeling import load_hf_model
+    from neuqi_export.pipeline import QuantizeOptions, quantize_model
+    from neuqi_export.quant.params import init_params
+
+    config = json.loads((tiny_llama_dir / "config.json").read_text())
+    rng = np.random.default_rng(0)
+    h = {g: rng.uniform(0.0, 4.0, config["intermediate_size"] if "ffn_down" in g else config["hidden_size"]) ** 3
+         for g in linear_names(config).values()}
+    path = tmp_path / "user.imatrix.gguf"
+    write_imatrix_gguf(path, {g: (v * 100, 100.0) for g, v in h.items()}, ["user text"], 10, 10)
+
+    opts = QuantizeOptions(bits=3, group_size=32, calibrate=False, imatrix=str(path))
+    quantize_model(tiny_llama_dir, tmp_path / "m", opts, progress=False)
+    m = MasterCheckpoint.load(tmp_path / "m")
+    model = load_hf_model(tiny_llama_dir)[0]
+    differs = 0
+    for hf, g in linear_names(config).items():
+        want = torch.from_numpy(h[g]).float()
+        want = want + 0.01 * want.mean()
+        lin = m.linears[hf]
+        assert torch.allclose(lin.hdiag, want, rtol=1e-5), hf
+        W = model.get_submodule(hf).weight.detach().float()
+        s, z = init_params(W, 3, 32, "neuqi", hdiag=lin.hdiag)
+        assert torch.equal(lin.scale, s) and torch.equal(lin.zero, z), hf
+        differs += not torch.equal(s, init_params(W, 3, 32, "neuqi")[0])
+    assert differs == len(m.linears)  # h = 1 would have given other parameters
+
+    from converters.gguf.presets import linear_types
+
+    lat = QuantizeOptions(calibrate=False, imatrix=str(path), gguf_types=linear_types(config, preset="Q4_K_M"))
+    quantize_model(tiny_llama_dir, tmp_path / "lat", lat, progress=False)
+    lm = MasterCheckpoint.load(tmp_path / "lat")
+    q = "model.layers.0.self_attn.q_proj"
+    assert torch.allclose(lm.linears[q].hdiag, m.linears[q].hdiag) and lm.linears[q].qtype == "Q5_0"  # Q4_K falls back on 64-wide rows
+
+    with pytest.raises(UserError, match="--gptq needs calibration text"):
+        QuantizeOptions(calibrate=False, imatrix=str(path), gptq=True).validate()
+    with pytest.raises(UserError, match="does not exist"):
+        quantize_model(tiny_llama_dir, tmp_path / "x", QuantizeOptions(calibrate=False, imatrix=str(tmp_path / "no")),
+                       progress=False)
+    assert not (tmp_path / "x").exists()
