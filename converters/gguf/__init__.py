@@ -21,7 +21,8 @@ dequantized linears stored as floats (e.g. as llama-quantize's input).
 K-quant-aware masters (`neuqi-export convert MODEL --to gguf --type TYPE --gptq`, lattice.py): every linear is
 fitted for its own GGUF type (block scales/mins on the original weights with the diag(H) objective) and GPTQ'd on
 that type's lattice; the master holds the blocks themselves, which this exporter writes unchanged (EXACT) when the
-preset/type asks for that type (and refits them, like any master, when it asks for another).
+preset/type asks for that type (and refits them, like any master, when it asks for another). With
+`--imatrix FILE` instead of calibration text the fits use a llama.cpp importance matrix as diag(H) (no GPTQ).
 
 Embeddings / output head (--embed-type, --output-type; unquantized in the master). 'auto' follows
 llama-quantize's Q4_1 preset: output.weight -> Q6_K (Q8_0 when n_embd % 256 != 0, e.g. SmolLM2's
