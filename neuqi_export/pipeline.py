@@ -185,10 +185,10 @@ def _load_block(path: Path, names: list, opts: QuantizeOptions) -> tuple[dict, d
 
 
 def quantize_linear(W: torch.Tensor, H: torch.Tensor | None, opts: QuantizeOptions, name: str | None = None,
-                    importance: torch.Tensor | None = None) -> tuple[QuantizedLinear | GGUFLinear, dict]:
+                    importance: torch.Tensor | None = None) -> tuple[QuantizedLinear | GGUFLinear, dict, torch.Tensor]:
     """Init params for every group of W (from the original W), then GPTQ or round-to-nearest; a linear
     that opts.gguf_types names is quantized on its GGUF type's lattice instead. importance: an imatrix h
-    (n_in,) used as diag(H) when there is no H (damped like H)."""
+    (n_in,) used as diag(H) when there is no H (damped like H). Returns (record, losses, dequantized W)."""
     if not torch.isfinite(W).all():
         raise UserError("a weight contains NaN/Inf; repair the model before quantizing")
     if H is not None:
@@ -198,28 +198,27 @@ def quantize_linear(W: torch.Tensor, H: torch.Tensor | None, opts: QuantizeOptio
         hdiag = h + opts.percdamp * h.mean().clamp_min(1e-12)
     else:
         hdiag = torch.ones(W.shape[1], device=W.device)
-    has_h = H is not None or importance is not None
     if opts.gguf_types and name in opts.gguf_types:
         from converters.gguf.lattice import quantize_for_type
 
         res = quantize_for_type(W, H, hdiag, opts.gguf_types[name], gptq=opts.gptq, act_order=opts.act_order)
         deq = res.deq.to(W.device)
         rec = GGUFLinear(torch.from_numpy(res.data), opts.gguf_types[name], tuple(W.shape), hdiag.cpu())
-        losses = {"diag": float(((W.double() - deq.double()) ** 2 * hdiag.double()).sum())}
-        losses["hessian"] = weighted_error(W, deq, H) if H is not None else losses["diag"]
-        return rec, losses
-    scale, zero = init_params(W, opts.bits, opts.group_size, method=opts.init,
-                              hdiag=hdiag if (opts.init in USES_HDIAG and has_h) else None)
-    eff_gs = W.shape[1] if opts.group_size == -1 else opts.group_size
-    if opts.gptq:
-        codes = gptq_quantize(W, H, scale, zero, opts.bits, opts.group_size, act_order=opts.act_order)
     else:
-        codes = quantize_codes(W, scale, zero, opts.bits, eff_gs)
-    deq = dequantize(codes, scale, zero, eff_gs)
+        has_h = H is not None or importance is not None
+        scale, zero = init_params(W, opts.bits, opts.group_size, method=opts.init,
+                                  hdiag=hdiag if (opts.init in USES_HDIAG and has_h) else None)
+        eff_gs = W.shape[1] if opts.group_size == -1 else opts.group_size
+        if opts.gptq:
+            codes = gptq_quantize(W, H, scale, zero, opts.bits, opts.group_size, act_order=opts.act_order)
+        else:
+            codes = quantize_codes(W, scale, zero, opts.bits, eff_gs)
+        deq = dequantize(codes, scale, zero, eff_gs)
+        rec = QuantizedLinear(codes.cpu(), scale.float().cpu(), zero.float().cpu(), opts.bits, opts.group_size,
+                              hdiag.cpu())
     losses = {"diag": float(((W.double() - deq.double()) ** 2 * hdiag.double()).sum())}
     losses["hessian"] = weighted_error(W, deq, H) if H is not None else losses["diag"]
-    rec = QuantizedLinear(codes.cpu(), scale.float().cpu(), zero.float().cpu(), opts.bits, opts.group_size, hdiag.cpu())
-    return rec, losses
+    return rec, losses, deq
 
 
 @torch.no_grad()
@@ -254,8 +253,8 @@ def _quantize_block(block, k: int, prefix: str, spec, inputs: list, kwargs: dict
             W = lin.weight.data.to(torch.float32)
             if not torch.isfinite(W).all():
                 raise UserError(f"weight '{full}.weight' contains NaN/Inf; repair the model before quantizing")
-            rec, loss = quantize_linear(W, H, opts, full, None if importance is None else importance.get(full))
-            lin.weight.data = rec.dequantize().to(device, lin.weight.dtype)
+            rec, loss, deq = quantize_linear(W, H, opts, full, None if importance is None else importance.get(full))
+            lin.weight.data = deq.to(device, lin.weight.dtype)
             records[full], losses[full] = rec, loss
             layers.set_postfix_str(f"{name} loss {loss['hessian']:.3g}")
             layers.update()
@@ -335,8 +334,8 @@ def quantize_model(model_dir, out, opts: QuantizeOptions, calib_text: str | None
         tensors.pop("lm_head.weight", None)
     qcfg = {"quant_method": "neuqi", "bits": opts.bits, "group_size": opts.group_size, "init": opts.init,
             "gptq": opts.gptq, "act_order": opts.act_order, "static_groups": True, "nsamples": opts.nsamples,
-            "seqlen": opts.seqlen, "seed": opts.seed, "percdamp": opts.percdamp, "calibrated": opts.calibrate, "imatrix": Path(opts.imatrix).name if opts.imatrix else None,
-            "gguf_lattice": bool(opts.gguf_types)}
+            "seqlen": opts.seqlen, "seed": opts.seed, "percdamp": opts.percdamp, "calibrated": opts.calibrate,
+            "imatrix": Path(opts.imatrix).name if opts.imatrix else None, "gguf_lattice": bool(opts.gguf_types)}
     master = MasterCheckpoint(config={**config, "quantization_config": qcfg}, linears=records, tensors=tensors,
                               tokenizer_dir=model_dir)
     master.save(out, overwrite=force)

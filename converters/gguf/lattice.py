@@ -155,9 +155,11 @@ def quantize_for_type(W: torch.Tensor, H: torch.Tensor | None, hdiag: torch.Tens
             return q, vals.gather(1, q[:, None])[:, 0]
 
         codes = gptq_with_rounding(W, H, round_col, act_order=act_order)
-    else:
+    else:  # rows in chunks: the (rows, n, K) distance tensor of a big layer with K = 64/256 would not fit
         Wv = W.to(torch.float32).reshape(rows, n // B, B)
-        codes = nearest(Wv, V.unsqueeze(2)).reshape(rows, n).to(torch.uint8)
+        step = max(1, (1 << 24) // (n * lt.levels))
+        codes = torch.cat([nearest(Wv[r:r + step], V[r:r + step].unsqueeze(2)) for r in range(0, rows, step)])
+        codes = codes.reshape(rows, n).to(torch.uint8)
     data = lt.pack(params, codes.cpu().numpy().astype(np.uint8))
     deq = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[qtype]).reshape(rows, n)
     return LatticeResult(data, torch.from_numpy(np.ascontiguousarray(deq, np.float32)))

@@ -70,10 +70,14 @@ def test_gptq_on_the_lattice_beats_rounding_on_it(qtype):
     lt = LATTICES[qtype]
     deq = gguf.quants.dequantize(opt.data, gguf.GGMLQuantizationType[qtype]).reshape(rows, n)
     np.testing.assert_array_equal(deq, opt.deq.numpy())
-    # the same block parameters in both runs: the scale bytes of each block agree, only codes differ
-    assert rtn.data.shape == opt.data.shape == (rows, n // gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]][0]
-                                                * gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]][1])
-    assert lt.levels >= 4
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
+    assert rtn.data.shape == opt.data.shape == (rows, n // block * size)
+    # both runs use the block parameters fitted on W: every weight of either file is a value its sub-block offers
+    params, _ = lt.fit(W.double().numpy(), hd.double().numpy())
+    V = np.repeat(sub_block_values(lt, params, rows, n), lt.sub_block, 1)  # (rows, n, K)
+    for got in (opt.deq.numpy(), rtn.deq.numpy()):
+        dist = np.abs(got[..., None] - V).min(-1)
+        assert (dist <= 1e-6 * np.abs(V).max()).all(), qtype
 
 
 def test_lattice_errors():
@@ -167,8 +171,9 @@ def test_lattice_blocks_resume(tiny_model_dir, tmp_path):
     opts = QuantizeOptions(gguf_types=types)
     W = _heavy(256, 512, 5).float()
     H = _hessian(512, 6).float()
-    rec, losses = quantize_linear(W, H, opts, name)
+    rec, losses, deq = quantize_linear(W, H, opts, name)
     assert isinstance(rec, GGUFLinear) and losses["hessian"] < losses["diag"] * 10
+    assert torch.equal(deq, rec.dequantize())  # what the next block is calibrated on = what llama.cpp reads
     _save_block(tmp_path / "b.safetensors", {name: rec}, {name: losses})
     back, _ = _load_block(tmp_path / "b.safetensors", [name], opts)
     assert back[name].qtype == "Q2_K" and back[name].shape == (256, 512)
