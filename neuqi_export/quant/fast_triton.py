@@ -214,16 +214,20 @@ def _stage_a(x, h, T0, invT0, lane, L: tl.constexpr, B: tl.constexpr):
     return n + z, f
 
 
+@_device_fn
+def _tile(N, G, R: tl.constexpr, B: tl.constexpr):
+    """This program's R groups x B lanes: rows (R, 1), lane (1, B), row mask, element mask, element offsets."""
+    rows = tl.program_id(0) * R + tl.arange(0, R)[:, None]
+    lane = tl.arange(0, B)[None, :]
+    rmask = rows < N
+    return rows, lane, rmask, rmask & (lane < G), rows.to(tl.int64) * G + lane
+
+
 @triton.jit
 def _search_kernel(ws_ptr, hs_ptr, s0_ptr, fr_ptr, s_out, z_out, N, G, C, NF,
                    L: tl.constexpr, R: tl.constexpr, B: tl.constexpr, PRUNE: tl.constexpr):
     """R groups per program: the coarse-to-fine scale search of NEUQI.md Stage B, Stage A per candidate."""
-    pid = tl.program_id(0)
-    rows = pid * R + tl.arange(0, R)[:, None]
-    lane = tl.arange(0, B)[None, :]
-    rmask = rows < N
-    m = rmask & (lane < G)
-    offs = rows.to(tl.int64) * G + lane
+    rows, lane, rmask, m, offs = _tile(N, G, R, B)
     w = tl.load(ws_ptr + offs, mask=m, other=-float("inf"))
     w = tl.where(m, w, tl.where(rmask, tl.max(w, axis=1, keep_dims=True), 0.0))  # padding repeats the max
     h = tl.where(rmask, tl.load(hs_ptr + offs, mask=m, other=0.0), 1.0)  # rows past N: any valid group
@@ -269,10 +273,9 @@ def _block(G: int) -> int:
     return max(2, 1 << (G - 1).bit_length())
 
 
-def search_scales(ws, hs, s0, bits: int, coarse: int, fine: int, fine_div: int, prune: bool = True,
-                  rows_per_program: int | None = None, num_warps: int | None = None):
-    """ws (N, G) float32 sorted ascending per row, hs (N, G) normalised importances aligned with ws, s0 (N,) > 0,
-    on a CUDA device (or any device under TRITON_INTERPRET=1). Returns (s, z) float32 (N,), z absolute (for w)."""
+def _outputs(ws):
+    """Empty (s, z) float32 outputs for the groups of ws, after checking that the kernels can take them (groups of
+    at most MAX_GROUP weights, a CUDA tensor or Triton's CPU interpreter): one-line UserError otherwise."""
     N, G = ws.shape
     if G > MAX_GROUP:
         raise UserError(f"the Triton path handles groups of at most {MAX_GROUP} weights (got {G}); "
@@ -280,11 +283,19 @@ def search_scales(ws, hs, s0, bits: int, coarse: int, fine: int, fine_div: int, 
     if ws.device.type != "cuda" and not INTERPRET:
         raise UserError("impl='triton' needs a CUDA tensor (or Triton's CPU interpreter: set TRITON_INTERPRET=1 "
                         "before the first import of neuqi_export.quant.fast_triton)")
-    dev = ws.device
-    out_s = torch.empty(N, dtype=torch.float32, device=dev)
-    out_z = torch.empty(N, dtype=torch.float32, device=dev)
+    return (torch.empty(N, dtype=torch.float32, device=ws.device),
+            torch.empty(N, dtype=torch.float32, device=ws.device))
+
+
+def search_scales(ws, hs, s0, bits: int, coarse: int, fine: int, fine_div: int, prune: bool = True,
+                  rows_per_program: int | None = None, num_warps: int | None = None):
+    """ws (N, G) float32 sorted ascending per row, hs (N, G) normalised importances aligned with ws, s0 (N,) > 0,
+    on a CUDA device (or any device under TRITON_INTERPRET=1). Returns (s, z) float32 (N,), z absolute (for w)."""
+    N, G = ws.shape
+    out_s, out_z = _outputs(ws)
     if N == 0:
         return out_s, out_z
+    dev = ws.device
     fr = [i / coarse for i in range(coarse, 0, -1)] + [j / fine_div for j in range(-fine, fine + 1) if j != 0]
     fr = torch.tensor(fr, dtype=torch.float32, device=dev)  # rounded to float32 once, as torch rounds a scalar
     B = _block(G)

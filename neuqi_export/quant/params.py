@@ -19,13 +19,15 @@ Methods (all minimise, or are judged by, the diag-H loss Σ_j h_j (w_j − ŵ_j)
   (j = −16..16, j ≠ 0, s > 0), each solved exactly in Z by Stage A; the lowest s²·f(Z*) wins.
 
 Everything is vectorised over all (row, group) pairs of a layer (chunked to bound memory; a Python loop
-runs only over the scale candidates), float32 on the device of `weight`. On the CPU, ``neuqi``/``mse`` run
-by default (``impl="auto"``) in the compiled kernel of `fast_cpu.py` when the optional package numba is
-installed (same grids and method, float64 inside, ~10-17x the CPU throughput); ``impl="reference"`` forces
-this torch path, which is also the fallback without numba. On CUDA, ``impl="auto"`` (or ``"triton"``) runs
-them in the Triton kernel of `fast_triton.py` when the optional package triton is installed (groups of up to
-256 weights; longer per-channel rows stay on the torch path); ``impl="triton"`` on a CPU tensor runs that
-kernel in Triton's interpreter (TRITON_INTERPRET=1, for tests). Full groups and the shorter last
+runs only over the scale candidates), float32 on the device of `weight`. ``neuqi``/``mse``/``neuqi_int``
+also have compiled kernels with the same grids, method and tie rules, chosen by ``impl="auto"`` (the
+default): on the CPU the numba kernels of `fast_cpu.py` (neuqi/mse; float64 inside, ~8-11x this path's CPU
+throughput) and `fast_cpu_int.py` (neuqi_int) when the optional package numba is installed; on CUDA the
+Triton kernels of `fast_triton.py` / `fast_triton_int.py` when triton is installed (groups of up to 256
+weights; longer per-channel rows stay on the torch path; a kernel that fails to compile falls back to the
+torch path with one warning). ``impl="reference"`` forces this torch path, which is also the fallback
+without them; ``impl="triton"`` on a CPU tensor runs the Triton kernel in Triton's interpreter
+(TRITON_INTERPRET=1, for tests). Full groups and the shorter last
 group (in_features not a multiple of the group size) are two batches. A constant group (max = min, or a
 range below (L−1)·2⁻¹⁴ of its magnitude, where a float32 zero-point could not place the grid) gets
 s = |c|/(L−1) with Z = 0 (c > 0) or Z = L−1 (c < 0), which reproduces c; an all-zero group gets
@@ -34,6 +36,7 @@ s = 2⁻²⁴, Z = 0.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor
@@ -41,11 +44,14 @@ from torch import Tensor
 from ..errors import UserError
 from .grid import n_groups, quantize_codes
 from . import fast_cpu as _fast
+from . import fast_cpu_int as _fast_int
 from .zeropoint import VALID_BITS, _check_bits, stage_a_sorted
 
 METHODS = ("minmax", "mse", "neuqi_int", "neuqi")
-_DEFAULTS = dict(coarse=64, fine=16, fine_div=2048, int_grid="coarse_fine", chunk_elems=None, refine=2, impl="auto")
+_DEFAULTS = dict(coarse=64, fine=16, fine_div=2048, int_grid="coarse_fine", chunk_elems=None, refine=2, impl="auto",
+                 triton_config=None)
 IMPLS = ("auto", "reference", "numba", "triton")
+_FAST_METHODS = ("neuqi", "mse", "neuqi_int")  # the methods with compiled kernels (numba on CPU, Triton on CUDA)
 _ZERO_GROUP_SCALE = 2.0 ** -24
 _DEGENERATE_RATIO = 2.0 ** 14  # max|w| / s₀ above this: treat the group as constant
 _TRITON_MAX_GROUP = 256  # fast_triton.MAX_GROUP; longer groups take the torch path
@@ -76,12 +82,17 @@ def _options(grid_options: dict) -> dict:
         raise UserError("impl='numba' needs the optional package numba (pip install numba); use impl='auto'")
     if opts["impl"] == "triton" and not _have_triton():
         raise UserError("impl='triton' needs the optional package triton (pip install triton); use impl='auto'")
+    tc = opts["triton_config"]
+    if tc is not None and not (isinstance(tc, (tuple, list)) and len(tc) == 2 and all(
+            isinstance(v, int) and v > 0 and v & (v - 1) == 0 for v in tc)):
+        raise UserError(f"triton_config={tc!r} must be (rows_per_program, num_warps), two powers of two, or None")
     if opts["int_grid"] not in ("dense", "coarse_fine"):
         raise UserError(f"int_grid={opts['int_grid']!r} is unknown; use 'dense' or 'coarse_fine'")
     return opts
 
 
 _TRITON_OK = None
+_TRITON_BROKEN = False  # set when the Triton kernel failed under impl='auto': the torch path from then on
 
 
 def _have_triton() -> bool:
@@ -179,16 +190,55 @@ def _abs_loss(x: Tensor, hs: Tensor, Z: Tensor, L: int) -> Tensor:
     return (hs * e * e).sum(-1)
 
 
+def _int_fractions(opts: dict) -> tuple[list[float], list[float]]:
+    """neuqi_int's candidate scales as fractions of s₀: coarse s₀·fr (in this order), then fine s_c + s₀·fr."""
+    D = opts["fine_div"]
+    if opts["int_grid"] == "dense":
+        return [i / D for i in range(1, D + 1)], []
+    C, F = opts["coarse"], opts["fine"]
+    return [i / C for i in range(1, C + 1)], [j / D for j in range(-F, F + 1) if j != 0]
+
+
+def _fast_search(ws: Tensor, hs: Tensor, s0: Tensor, bits: int, method: str, opts: dict):
+    """(s, z) from a compiled kernel when one is selected for this batch (Triton on CUDA, numba on the CPU),
+    else None (the torch path runs). Under impl='auto' a Triton kernel that fails to compile or launch
+    (an old triton, an unsupported GPU) is reported once and the torch path takes over for the session."""
+    global _TRITON_BROKEN
+    if method not in _FAST_METHODS:
+        return None
+    if opts.get("_triton", False) and ws.shape[1] <= _TRITON_MAX_GROUP:
+        rp, nw = opts["triton_config"] or (None, None)
+        try:
+            if method == "neuqi_int":
+                from . import fast_triton_int  # lazy: triton is optional
+                return fast_triton_int.search_scales_int(ws, hs, s0, bits, *_int_fractions(opts),
+                                                         rows_per_program=rp, num_warps=nw)
+            from . import fast_triton
+            return fast_triton.search_scales(ws, hs, s0, bits, opts["coarse"], opts["fine"], opts["fine_div"],
+                                             rows_per_program=rp, num_warps=nw)
+        except Exception as e:  # noqa: BLE001 - any compiler/driver failure: fall back, loudly
+            if opts["impl"] != "auto" or isinstance(e, UserError):
+                raise
+            warnings.warn(f"the Triton kernel failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                          "using the torch path (slower, same result); impl='reference' silences this", stacklevel=2)
+            _TRITON_BROKEN = True
+            opts["_triton"] = False
+            return None
+    if opts.get("_fast", False):
+        if method == "neuqi_int":
+            return _fast_int.search_scales_int(ws, hs, s0, bits, *_int_fractions(opts))
+        return _fast.search_scales(ws, hs, s0, bits, opts["coarse"], opts["fine"], opts["fine_div"])
+    return None
+
+
 def _fit_batch(wg: Tensor, hg: Tensor | None, bits: int, method: str, opts: dict) -> tuple[Tensor, Tensor]:
     L = 1 << bits
     ws, hs, wmin, s0, degenerate = _prep(wg, hg, L)
-    if method == "minmax":
+    fast = _fast_search(ws, hs, s0, bits, method, opts)
+    if fast is not None:
+        s, z = fast
+    elif method == "minmax":
         s, z = s0, torch.round(-wmin / s0)
-    elif method in ("neuqi", "mse") and opts.get("_triton", False) and ws.shape[1] <= _TRITON_MAX_GROUP:
-        from . import fast_triton  # lazy: triton is optional
-        s, z = fast_triton.search_scales(ws, hs, s0, bits, opts["coarse"], opts["fine"], opts["fine_div"])
-    elif method in ("neuqi", "mse") and opts.get("_fast", False):
-        s, z = _fast.search_scales(ws, hs, s0, bits, opts["coarse"], opts["fine"], opts["fine_div"])
     elif method in ("neuqi", "mse"):
         xr = ws - wmin.unsqueeze(1)  # >= 0; the zero-point is solved relative to min and shifted back
         best = torch.full_like(s0, float("inf"))
@@ -233,21 +283,14 @@ def _fit_batch(wg: Tensor, hg: Tensor | None, bits: int, method: str, opts: dict
             s = torch.where(better, sc, s)
             z = torch.where(better, zc, z)
 
-        D = opts["fine_div"]
-        if opts["int_grid"] == "dense":
-            for i in range(1, D + 1):
-                consider_int(s0 * (i / D))
-        else:
-            C = opts["coarse"]
-            for i in range(1, C + 1):
-                consider_int(s0 * (i / C))
-            s_c = s.clone()
-            for j in range(-opts["fine"], opts["fine"] + 1):
-                if j == 0:
-                    continue
-                sc = s_c + s0 * (j / D)
-                valid = sc > 0
-                consider_int(torch.where(valid, sc, s0), valid)
+        coarse_fr, fine_fr = _int_fractions(opts)
+        for fr in coarse_fr:
+            consider_int(s0 * fr)
+        s_c = s.clone()
+        for fr in fine_fr:
+            sc = s_c + s0 * fr
+            valid = sc > 0
+            consider_int(torch.where(valid, sc, s0), valid)
     else:  # pragma: no cover - validated before
         raise UserError(f"unknown method {method!r}")
     cs, cz = _constant_params(ws, L)
@@ -284,9 +327,10 @@ def init_params(weight: Tensor, bits: int, group_size: int, method: str = "neuqi
     grid_options: coarse=64, fine=16, fine_div=2048 (Stage B grid), int_grid='coarse_fine'|'dense'
     (neuqi_int's scale grid), chunk_elems (group elements per batch; default 2**16 on CPU, 2**22 on GPU),
     refine=2 (Stage A candidates re-evaluated element-wise; torch path only),
-    impl='auto'|'reference'|'numba'|'triton' (neuqi/mse: 'auto' uses the numba kernel of `fast_cpu` on CPU
-    when numba is installed and the Triton kernel of `fast_triton` on CUDA when triton is installed, else
-    the torch path; 'reference' forces the torch path)."""
+    impl='auto'|'reference'|'numba'|'triton' (neuqi/mse/neuqi_int: 'auto' uses the numba kernels on CPU when
+    numba is installed and the Triton kernels on CUDA when triton is installed, else the torch path;
+    'reference' forces the torch path), triton_config=(rows_per_program, num_warps) (Triton launch shape,
+    for tuning; None = the kernel's default)."""
     bits = _check_bits(bits)
     group_size = _check_group_size(group_size)
     if method not in METHODS:
@@ -296,11 +340,11 @@ def init_params(weight: Tensor, bits: int, group_size: int, method: str = "neuqi
     _check_hdiag(hdiag, inf)
     opts = _options(grid_options)
     # the compiled CPU path (numba) for neuqi/mse: optional, the torch path is the fallback and the reference
-    opts["_fast"] = (method in ("neuqi", "mse") and weight.device.type == "cpu" and _fast.HAVE_NUMBA
+    opts["_fast"] = (method in _FAST_METHODS and weight.device.type == "cpu" and _fast.HAVE_NUMBA
                      and opts["impl"] in ("auto", "numba"))
     # the Triton kernel for neuqi/mse on CUDA (impl='triton' forces it, e.g. on CPU under TRITON_INTERPRET=1)
-    opts["_triton"] = (method in ("neuqi", "mse") and (opts["impl"] == "triton" or (
-        opts["impl"] == "auto" and weight.device.type == "cuda" and _have_triton())))
+    opts["_triton"] = (method in _FAST_METHODS and (opts["impl"] == "triton" or (
+        opts["impl"] == "auto" and weight.device.type == "cuda" and not _TRITON_BROKEN and _have_triton())))
     # CPU: small batches stay in cache (measured fastest); GPU: big batches, temporaries well under 1 GB;
     # the compiled path streams each group once, so its batches only bound the float32 copies
     big = weight.device.type == "cuda" or opts["_fast"] or opts["_triton"]

@@ -19,12 +19,7 @@ def test_numba_fast_path_is_available():
     assert fast_cpu.HAVE_NUMBA
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread
 
 
 def _heavy(out, inp, seed=0, scale=0.02):

@@ -3,19 +3,14 @@ import pytest
 import torch
 
 from neuqi_export.errors import UserError
+from neuqi_export.quant import params
 from neuqi_export.quant.grid import dequantize, n_groups, quantize_codes
 from neuqi_export.quant.params import _int_best_zero, group_loss, init_params
 
 TOL = 1 + 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the CI box has 2 shared cores: intra-op threading only adds contention for these small tensors
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread
 
 
 def _heavy(out, inp, seed=0, scale=0.02):
@@ -192,3 +187,33 @@ def test_bad_arguments():
         init_params(W, 4, 32, "neuqi", hdiag=-torch.ones(64))
     with pytest.raises(UserError, match="2-D"):
         init_params(torch.randn(64), 4, 32)
+
+
+def test_triton_failure_falls_back_to_the_torch_path_under_auto(monkeypatch):
+    """A Triton kernel that fails to compile (old triton, unsupported GPU) must not stop a quantization run that
+    did not ask for it: impl='auto' warns once and the torch path takes over; impl='triton' raises."""
+    from neuqi_export.quant import fast_triton, fast_triton_int
+
+    def broken(*a, **k):
+        raise RuntimeError("PTX .version 8.7 does not support .target sm_120\nmore")
+
+    monkeypatch.setattr(fast_triton, "search_scales", broken)
+    monkeypatch.setattr(fast_triton_int, "search_scales_int", broken)
+    monkeypatch.setattr(params, "_TRITON_BROKEN", False)
+    W = torch.randn(4, 64)
+    ws, hs, _, s0, _ = params._prep(W, None, 8)
+    for method in ("neuqi", "neuqi_int"):
+        opts = {**params._options({}), "_triton": True}
+        with pytest.warns(UserWarning, match="Triton kernel failed .*sm_120.*torch path"):
+            assert params._fast_search(ws, hs, s0, 3, method, opts) is None
+        assert params._TRITON_BROKEN and not opts["_triton"]
+        monkeypatch.setattr(params, "_TRITON_BROKEN", False)
+        with pytest.raises(RuntimeError, match="sm_120"):
+            params._fast_search(ws, hs, s0, 3, method, {**params._options({"impl": "triton"}), "_triton": True})
+
+
+def test_triton_config_is_validated():
+    W = torch.randn(4, 64)
+    for bad in ((3, 4), (4,), "4x4", (0, 4)):
+        with pytest.raises(UserError, match="triton_config"):
+            init_params(W, 3, 32, "neuqi", triton_config=bad)

@@ -9,13 +9,7 @@ from neuqi_export.quant.zeropoint import objective, optimal_zero_point
 EPS32 = float(np.finfo(np.float32).eps)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the CI box has 2 shared cores: intra-op threading only adds contention for these small tensors
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread
 
 
 def brute_force(x: np.ndarray, h: np.ndarray, bits: int) -> float:
