@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Throughput of init_params (groups per second) on LLaMA-7B-shaped layers; writes docs/BENCH_INIT.md.
+"""Throughput of init_params (groups per second) on LLaMA-7B-shaped layers; writes docs/BENCH_INIT_<DEVICE>.md.
 
     python tools/bench_init.py --device cpu --rows 64
     python tools/bench_init.py --device cuda            # whole layers
@@ -185,16 +185,19 @@ def main(argv=None) -> int:
                    "CPU, 'reference triton' on CUDA (the reference first: later rows get its loss ratio)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = leave torch's default)")
     p.add_argument("--note", default="", help="free text added to the report (e.g. machine load)")
-    p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "BENCH_INIT.md"))
+    p.add_argument("--out", default=None, help="report file (default: docs/BENCH_INIT_CPU.md or docs/BENCH_INIT_CUDA.md)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is available; use --device cpu", file=sys.stderr)
         return 2
+    if args.out is None:
+        args.out = str(Path(__file__).resolve().parents[1] / "docs" / f"BENCH_INIT_{args.device.upper()}.md")
     if args.impls is None:
         args.impls = ["reference", "triton"] if args.device == "cuda" and _have_triton() else ["auto"]
     if args.threads:
         torch.set_num_threads(args.threads)
-    cmd = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + (argv or sys.argv[1:]))
+    here = Path(__file__).resolve()  # the command as run from the repository root
+    cmd = "python " + " ".join(shlex.quote(a) for a in [str(here.relative_to(here.parents[1]))] + (argv or sys.argv[1:]))
     rows_out = []
     for shape in args.shapes:
         if shape == MODEL:
@@ -238,8 +241,9 @@ def main(argv=None) -> int:
         f"- torch {torch.__version__}, {torch.get_num_threads()} CPU thread(s), Python {platform.python_version()}",
         f"- date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}",
         f"- group size {args.group_size}; median of {args.repeats} timed call(s) after one warm-up (wall and process "
-        "CPU seconds); impl `reference` = the torch path, `numba` = the numba kernel (fast_cpu.py), `triton` = the "
-        "Triton kernel (fast_triton.py), `auto` = numba on the CPU / Triton on CUDA when installed; loss ratio = "
+        "CPU seconds); impl `reference` = the torch path, `numba` = the numba kernels (fast_cpu.py, fast_cpu_int.py), "
+        "`triton` = the Triton kernels (fast_triton.py, fast_triton_int.py; `triton:RxW` launched with R groups per "
+        "program and W warps), `auto` = numba on the CPU / Triton on CUDA when installed; loss ratio = "
         "Σ diag-H loss of the impl / that of `reference` (and the worst per-group ratio)",
     ]
     if args.note:

@@ -111,7 +111,7 @@ def main() -> None:
         lines += ["", f"† {note}."]
     lines += ["", "Quantize times are wall-clock on a shared 2-core machine whose load varied between runs (1 to 6 "
               "runnable jobs); compare them within a run, not across. The NeUQI search itself is timed in "
-              "docs/BENCH_INIT.md."]
+              "docs/BENCH_INIT_CPU.md."]
     Path(args.output).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

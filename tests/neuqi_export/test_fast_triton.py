@@ -56,6 +56,27 @@ def _run_child(out_path: str) -> None:
         keys = fast_triton._event_keys(E, lane) | (1 << 30)
         tl.store(out_ptr + tl.arange(0, 2)[:, None] * B + lane, tl.sort(keys, dim=1))
 
+    @triton.jit
+    def surrogate_merge(u_ptr, keys_ptr, out_ptr, L: tl.constexpr, B: tl.constexpr, NDIM: tl.constexpr):
+        u = tl.load(u_ptr + tl.arange(0, 4)[:, None] * B + tl.arange(0, B)[None, :])
+        keys = fast_triton._surrogate_keys(u, L, B)
+        merged = tl.reshape(fast_triton._bitonic_merge_hypercube(tl.reshape(keys, [2] * NDIM), NDIM - 2, 0),
+                            keys.shape)
+        offs = tl.arange(0, 4)[:, None] * (2 * B) + tl.arange(0, 2 * B)[None, :]
+        tl.store(keys_ptr + offs, keys)
+        tl.store(out_ptr + offs, merged)
+
+    # the surrogate's event keys through the REAL merge network (interpreted; the kernel's interpreter path uses
+    # numpy's sort): sorted u with duplicate values and a padded tail repeating the maximum, as the kernel sees
+    g = torch.Generator().manual_seed(5)
+    U = torch.sort(torch.round(torch.randn(4, 32, generator=g) * 4) / 2, dim=1).values  # many exact ties
+    U[1] = torch.sort(torch.randn(32, generator=g) * 3).values  # distinct values
+    U[2, 20:] = U[2, 19]  # padding: the maximum repeated
+    U[3] = 0.5  # one value
+    keys, merged = torch.empty(4, 64, dtype=torch.int64), torch.empty(4, 64, dtype=torch.int64)
+    surrogate_merge[(1,)](U, keys, merged, L=4, B=32, NDIM=8)
+    res["_merge"] = (U, keys, merged)
+
     # the lower-bound pruning is exact: one group per program (each prunes on its own) == no pruning
     from neuqi_export.quant.params import _prep
     W, h = _weights(4, 64, seed=99)
@@ -100,13 +121,14 @@ def _compile_for_h100(B: int, R: int) -> tuple[int, bool, int, int]:
     """The kernel compiled for sm_90 with 4 warps: (cubin bytes, PTX has an fp32 FMA, registers, local bytes)."""
     from neuqi_export.quant import fast_triton
     return compile_sm90(fast_triton._search_kernel, ("ws_ptr", "hs_ptr", "s0_ptr", "fr_ptr", "s_out", "z_out"),
-                        ("N", "G", "C", "NF"), {"L": 4, "R": R, "B": B, "PRUNE": True}, num_warps=4)
+                        ("N", "G", "C", "NF"), {"L": 4, "R": R, "B": B, "PRUNE": True,
+                         "NDIM": (R * 2 * B).bit_length() - 1, "STAGE": (2 * B).bit_length() - 1}, num_warps=4)
 
 
 @pytest.mark.parametrize("B,R", [(128, 4), (32, 8)])
 def test_kernel_compiles_for_h100(B, R):
     """The kernel lowers to a cubin for sm_90 with Triton's bundled ptxas (no GPU needed), without FMA
-    contraction (the candidate scales keep the torch path's bits) and without spills at g128 (measured 147
+    contraction (the candidate scales keep the torch path's bits) and without spills at g128 (measured 168
     registers at B = 128)."""
     from neuqi_export.quant import fast_triton
     size, fma, regs, local = compiled("test_fast_triton", "_compile_for_h100", (B, R), fast_triton.INTERPRET)
@@ -169,6 +191,29 @@ def test_real_tl_sort_on_packed_keys(triton_results):
         assert torch.all(bits[got == 0] == torch.sort(bits[got == 0]).values)  # -0.0 (int bits < 0) first
         ties = bits[1:] == bits[:-1]
         assert torch.all(lanes[1:][ties] > lanes[:-1][ties])  # equal floats: by lane
+
+
+def test_surrogate_keys_merge_like_a_sort(triton_results):
+    """The surrogate's 2B event keys are bitonic per row, Triton's bitonic merge network (the one the kernel runs)
+    sorts them exactly like a full sort, and the decoded events are -½ - u and L - ½ - u of every lane once each
+    (E2 before E1 on equal values)."""
+    U, keys, merged = triton_results["_merge"]
+    B, L = U.shape[1], 4
+    for r in range(U.shape[0]):
+        k = keys[r]
+        d = torch.sign(k[1:] - k[:-1])
+        peak = int(torch.argmax(k))
+        assert torch.all(d[:peak] >= 0) and torch.all(d[peak:] <= 0), r  # ascending, then descending
+        assert torch.equal(merged[r], torch.sort(k).values), r
+        lane = (B - 1) - (merged[r] & 0x3FFFFFFF)
+        is1 = ((merged[r] >> 30) & 1) == 1
+        sb = merged[r] >> 31
+        E = torch.where(sb >= 0x80000000, sb - 0x80000000, -1 - sb).to(torch.int32).view(torch.float32)
+        want = torch.where(is1, -0.5 - U[r][lane], (L - 0.5) - U[r][lane])
+        assert torch.equal(E, want), r
+        assert sorted(lane[is1].tolist()) == list(range(B)) == sorted(lane[~is1].tolist())
+        tie = E[1:] == E[:-1]
+        assert not torch.any(is1[:-1][tie] & ~is1[1:][tie]), r  # never an E1 just before an equal E2
 
 
 def test_pruning_is_exact(triton_results):
