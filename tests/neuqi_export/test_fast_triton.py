@@ -14,7 +14,7 @@ from neuqi_export.errors import UserError
 from neuqi_export.quant import params
 from neuqi_export.quant.grid import n_groups
 from neuqi_export.quant.params import group_loss, init_params
-from triton_harness import case_weights, child_fixture, child_results, compile_sm90, compiled
+from triton_harness import case_weights, child_fixtures, compile_sm90, compiled
 
 RTOL = 1e-5  # per group: float32 rounding of the loss (measured max 1.1e-6 on 512 x 328 layers)
 
@@ -100,15 +100,7 @@ def _run_child(out_path: str) -> None:
     torch.save(res, out_path)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _child(tmp_path_factory):
-    """Starts the interpreter run at the first test of this module, so the other tests overlap with it."""
-    yield from child_fixture(__file__, tmp_path_factory, "triton")
-
-
-@pytest.fixture(scope="module")
-def triton_results(_child):
-    return child_results(_child)
+_child, triton_results = child_fixtures(__file__, "triton", "triton_results")  # the interpreter run, started at the first test
 
 
 def test_triton_is_installed():

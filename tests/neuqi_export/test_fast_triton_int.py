@@ -15,7 +15,7 @@ import torch
 from neuqi_export.quant import params
 from neuqi_export.quant.grid import n_groups
 from neuqi_export.quant.params import group_loss, init_params
-from triton_harness import case_weights, child_fixture, child_results, compile_sm90, compiled
+from triton_harness import case_weights, child_fixtures, compile_sm90, compiled
 
 RTOL = 1e-5  # per group: float32 rounding of the loss (measured max 5e-8)
 SAME = 0.95  # fraction of groups whose (s, z) equal the torch path's bit for bit (measured 0.99)
@@ -104,15 +104,7 @@ def _run_child(out_path: str) -> None:
     torch.save(res, out_path)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _child(tmp_path_factory):
-    """Starts the interpreter run at the first test of this module, so the other tests overlap with it."""
-    yield from child_fixture(__file__, tmp_path_factory, "triton_int")
-
-
-@pytest.fixture(scope="module")
-def int_results(_child):
-    return child_results(_child)
+_child, int_results = child_fixtures(__file__, "triton_int", "int_results")  # the interpreter run, started at the first test
 
 
 def _compile_for_h100(B: int, R: int, bits: int) -> tuple[int, bool, int, int]:

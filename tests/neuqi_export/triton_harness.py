@@ -46,6 +46,23 @@ def child_fixture(test_file: str, tmp_path_factory, name: str):
         p.communicate()
 
 
+def child_fixtures(test_file: str, name: str, results_name: str):
+    """The two module fixtures of a kernel test: an autouse one that starts the interpreter child at the module's
+    first test (so the other tests overlap with it), and `results_name`, the child's results. Assign both to
+    module names: `_child, results = child_fixtures(__file__, "triton", "triton_results")`."""
+    import pytest
+
+    @pytest.fixture(scope="module", autouse=True, name=f"_{name}_child")
+    def _child(tmp_path_factory):
+        yield from child_fixture(test_file, tmp_path_factory, name)
+
+    @pytest.fixture(scope="module", name=results_name)
+    def _results(request):
+        return child_results(request.getfixturevalue(f"_{name}_child"))
+
+    return _child, _results
+
+
 def child_results(child):
     """Waits for the child of `child_fixture` and loads what it wrote (its stderr on failure)."""
     import torch
