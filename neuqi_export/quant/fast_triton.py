@@ -47,6 +47,8 @@ to the torch path by `params`.
 """
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import torch
 import triton
@@ -64,9 +66,12 @@ INTERPRET = type(_probe).__name__ == "InterpretedFunction"  # triton.jit read TR
 MAX_GROUP = 256  # B = 512 spills registers to local memory on sm_90 (ptxas), so longer rows take the torch path
 
 
-try:  # Triton's own bitonic merge network (the last stage of tl.sort); absent in other versions: full sort
+try:  # Triton's own bitonic merge network (the last stage of tl.sort, a private helper: checked by signature);
+    # other triton versions without it (or with another signature) get the full tl.sort, same result
     from triton.language.standard import _bitonic_merge_hypercube
-except ImportError:  # pragma: no cover - depends on the installed triton
+    if list(inspect.signature(_bitonic_merge_hypercube.fn).parameters) != ["x", "stage", "order"]:
+        _bitonic_merge_hypercube = None  # pragma: no cover - depends on the installed triton
+except (ImportError, AttributeError, TypeError, ValueError):  # pragma: no cover - depends on the installed triton
     _bitonic_merge_hypercube = None
 HAVE_MERGE = _bitonic_merge_hypercube is not None
 

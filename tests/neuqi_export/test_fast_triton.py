@@ -107,6 +107,8 @@ def test_triton_is_installed():
     """triton is in the `test` extra: CI must exercise the kernel (in the interpreter), never skip it."""
     import triton  # noqa: F401
     assert params._have_triton()
+    from neuqi_export.quant import fast_triton
+    assert fast_triton.HAVE_MERGE  # the pinned triton has the merge network the surrogate uses
 
 
 def _compile_for_h100(B: int, R: int) -> tuple[int, bool, int, int]:
