@@ -49,6 +49,13 @@ def main(argv=None) -> int:
         dev, rows = "cuda", 64
     g = torch.Generator().manual_seed(2)
     ok = True
+    try:
+        import triton
+        from neuqi_export.quant import fast_triton
+        print(f"triton {triton.__version__}; surrogate merge network: {'yes' if fast_triton.HAVE_MERGE else 'no (full sort)'}"
+              f"; device: {torch.cuda.get_device_name(0) if dev == 'cuda' else 'cpu (interpreter)'}")
+    except ImportError as e:
+        print(f"triton not importable ({e}): the Triton rows below will fail")
     if dev == "cuda":
         X = torch.distributions.StudentT(2.0).sample((512, 128)) * 3
         H = torch.rand(512, 128, generator=g) ** 4
