@@ -25,6 +25,8 @@ from .fast_cpu import HAVE_NUMBA, _run_split
 if HAVE_NUMBA:
     from numba import njit
 
+    # Two plain bisections rather than np.searchsorted (which numba supports): measured 30% slower for the whole
+    # search here (2048 groups, 1 thread: 0.13 s vs 0.10 s at 2 bits).
     @njit(cache=True, nogil=True)
     def _count_below(w, t):
         """Number of entries of the ascending w that are < t."""

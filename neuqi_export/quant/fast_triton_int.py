@@ -50,15 +50,6 @@ import triton.language as tl
 from ..errors import UserError
 from .fast_triton import INTERPRET, _block, _device_fn, _outputs, _rint, _rsum, _tile
 
-if INTERPRET:
-    _rn = _rint
-else:  # the same half-to-even rounding in one instruction (cvt.rni)
-    from triton.language.extra import libdevice as _libdevice
-
-    @triton.jit
-    def _rn(v):
-        return _libdevice.rint(v)
-
 _SLACK = tl.constexpr(1.0 + 1e-3)  # pruning: relative margin of the lower bound against the best loss
 
 
@@ -66,7 +57,7 @@ _SLACK = tl.constexpr(1.0 + 1e-3)  # pruning: relative margin of the lower bound
 def _int_loss(w, h, s, L: tl.constexpr, BITS: tl.constexpr):
     """Best integer Z in 0..L-1 for the scale s (R, 1) and f(Z) = Σ h e² (x units), as (R, 1) columns."""
     x = tl.div_rn(w, s)
-    k = _rn(x)
+    k = _rint(x)
     y = 2.0 * x + 1.0  # 2 e + 1 = y + 2 Z on the low clip, y + 2 Z - 2 (L-1) on the high clip
     lo = tl.zeros_like(s)
     for j in tl.static_range(BITS):  # [lo, lo + 2n - 1], n = L >> (j + 1): mid = floor of the midpoint
@@ -102,9 +93,9 @@ def _int_kernel(ws_ptr, hs_ptr, s0_ptr, fr_ptr, s_out, z_out, N, G, C, NF,
     s0 = tl.load(s0_ptr + rows, mask=rmask, other=1.0)
     wmin = tl.load(ws_ptr + rows.to(tl.int64) * G, mask=rmask, other=0.0)  # sorted: the first weight
     # the Min-Max point: Z = rint(-min/s0), possibly outside 0..L-1
-    z0 = _rn(tl.div_rn(-wmin, s0))
+    z0 = _rint(tl.div_rn(-wmin, s0))
     u = tl.div_rn(w, s0) + z0
-    e = u - tl.minimum(tl.maximum(_rn(u), 0.0), L - 1.0)
+    e = u - tl.minimum(tl.maximum(_rint(u), 0.0), L - 1.0)
     mm = s0 * s0 * _rsum(h * e * e)
     if PRUNE:  # the pair lower bound (module docstring) on the 4 outermost pairs
         base = rows.to(tl.int64) * G

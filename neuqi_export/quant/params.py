@@ -339,10 +339,10 @@ def init_params(weight: Tensor, bits: int, group_size: int, method: str = "neuqi
     out, inf = weight.shape
     _check_hdiag(hdiag, inf)
     opts = _options(grid_options)
-    # the compiled CPU path (numba) for neuqi/mse: optional, the torch path is the fallback and the reference
+    # the compiled CPU kernels (numba): optional, the torch path is the fallback and the reference
     opts["_fast"] = (method in _FAST_METHODS and weight.device.type == "cpu" and _fast.HAVE_NUMBA
                      and opts["impl"] in ("auto", "numba"))
-    # the Triton kernel for neuqi/mse on CUDA (impl='triton' forces it, e.g. on CPU under TRITON_INTERPRET=1)
+    # the Triton kernels on CUDA (impl='triton' forces them, e.g. on CPU under TRITON_INTERPRET=1)
     opts["_triton"] = (method in _FAST_METHODS and (opts["impl"] == "triton" or (
         opts["impl"] == "auto" and weight.device.type == "cuda" and not _TRITON_BROKEN and _have_triton())))
     # CPU: small batches stay in cache (measured fastest); GPU: big batches, temporaries well under 1 GB;
