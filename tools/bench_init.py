@@ -14,8 +14,8 @@ total groups / rate (the table says so). One untimed warm-up call per configurat
 (the compiled numba kernels of neuqi_export/quant/fast_cpu*.py on the CPU when numba is installed, the Triton
 kernels of neuqi_export/quant/fast_triton*.py on CUDA when triton is installed, else the torch path), `numba`
 and `triton` (forced), `triton:RxW` (the Triton kernel launched with R groups per program and W warps: a
-tuning sweep, e.g. `--impls reference triton:4x4 triton:8x4 triton:8x8 triton:16x8`). With --device cuda the default is `reference triton`: the plain torch path and the Triton
-kernel, one row each, the Triton row with its loss ratio to the torch path. Each configuration reports the
+tuning sweep, e.g. `--impls reference triton:4x4 triton:8x4 triton:8x8 triton:16x8`). With --device cuda
+the default is `reference triton`: the plain torch path and the Triton kernel, one row each, the Triton row with its loss ratio to the torch path. Each configuration reports the
 MEDIAN of --repeats timed calls, in wall-clock seconds and in process CPU seconds (user + system of all
 threads; on a shared, loaded machine the CPU seconds are the steadier measure of the work), and for
 non-reference implementations the ratio of the summed diag-H loss to the reference's and the worst per-group
@@ -132,9 +132,9 @@ def bench_model(blocks: int, rows: int, bits: int, gs: int, method: str, device:
                 r["seconds"] += time.perf_counter() - t
                 r["cpu_seconds"] += time.process_time() - c
                 r["groups"] += n * -(-inp // gs)
-                lo = group_loss(W, s, z, bits, gs, h if method in HDIAG_METHODS else None)
-                if b >= ref_blocks:
+                if b >= ref_blocks:  # no reference loss to compare with: skip the (float64) loss
                     continue
+                lo = group_loss(W, s, z, bits, gs, h if method in HDIAG_METHODS else None)
                 r["loss"] += float(lo.sum())
                 if first is None:
                     first = lo
@@ -148,7 +148,6 @@ def bench_model(blocks: int, rows: int, bits: int, gs: int, method: str, device:
                  sum_ratio=r["loss"] / base if base > 0 else 1.0, max_ratio=r["worst"])
         r["full_seconds"] = r["full_groups"] / r["rate"]
         r["measured_all"] = r["groups"] == r["full_groups"] and total == r["full_groups"]
-        r["ref_blocks"] = ref_blocks
     return res
 
 
