@@ -16,8 +16,8 @@ def _add_quantize(sub) -> None:
     _add_quant_options(p)
     p.add_argument("--for-gguf", default=None, metavar="TYPE",
                    help="quantize every linear on a GGUF type's own lattice (K-quant-aware) instead of a uniform grid: "
-                        "a K type (Q2_K..Q6_K, with llama-quantize's fallbacks) or a llama-quantize mixture (Q3_K_M, "
-                        "Q4_K_M, ...); the master then exports to GGUF only (export --to gguf --type TYPE)")
+                        "a K type (Q2_K, Q3_K, Q4_K, with llama-quantize's fallbacks) or a llama-quantize mixture "
+                        "(Q3_K_M, Q4_K_M, Q5_K_M, Q6_K, ...); the master then exports to GGUF only (export --to gguf --type TYPE)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -262,9 +262,10 @@ def _lattice_types(model: str, qtype: str, preset: str | None) -> dict[str, str]
     name = str(qtype).upper()
     if preset is None and name in PRESETS and name not in WEIGHT_TYPES:
         preset = name
-    if preset is None and name not in LATTICES:
-        raise UserError(f"GGUF type {qtype!r} has no K-quant-aware mode; use a K type (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) "
-                        f"or a llama-quantize mixture ({', '.join(p for p in PRESETS if p not in WEIGHT_TYPES)})")
+    if preset is None and not (name in LATTICES and name in WEIGHT_TYPES):  # what `export --type` accepts too
+        singles = sorted(t for t in LATTICES if t in WEIGHT_TYPES)
+        raise UserError(f"GGUF type {qtype!r} has no K-quant-aware mode; use one of {', '.join(singles)} or a "
+                        f"llama-quantize mixture ({', '.join(p for p in PRESETS if p not in WEIGHT_TYPES)})")
     _, config, spec = read_model_dir(_model_path(model))
     return linear_types(config, preset=preset, qtype=None if preset else name, prefix=spec.blocks_path)
 

@@ -11,6 +11,7 @@ F32 are unaffected. Pass extra_buffers=True to turn them back on where they work
 """
 from __future__ import annotations
 
+import os
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -155,6 +156,12 @@ def llama_quantize(inp, out, ftype: str, nthread: int = 0) -> None:
     params = llama_cpp.llama_model_quantize_default_params()
     params.nthread = nthread
     params.ftype = getattr(llama_cpp, name)
-    rc = llama_cpp.llama_model_quantize(str(inp).encode(), str(out).encode(), ctypes.byref(params))
-    if rc != 0:
-        raise RuntimeError(f"llama_model_quantize failed (rc {rc})")
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp")  # a failed or interrupted run leaves no file under the final name
+    try:
+        rc = llama_cpp.llama_model_quantize(str(inp).encode(), str(tmp).encode(), ctypes.byref(params))
+        if rc != 0:
+            raise UserError(f"llama.cpp's quantizer failed on {inp} (rc {rc}); check that it is a valid GGUF")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)

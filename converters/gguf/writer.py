@@ -143,19 +143,25 @@ def _pack_linear(lin, qtype: str, perm: np.ndarray | None) -> PackedTensor:
 def _pack_typed(lin: GGUFLinear, qtype: str, perm: np.ndarray | None) -> PackedTensor:
     """A linear already quantized for a GGUF type: its blocks as they are (rows permuted for rope), or, when
     the export asks for another type, a refit of its values on its diag(H)."""
-    data = lin.data.cpu().numpy()
+    from .presets import BLOCK, EXTRA_TYPES, fallback_type, refit_extra
+
+    n = lin.shape[1]
+    asked = qtype
+    if qtype in BLOCK:  # a type whose block does not divide the row: llama-quantize's fallback type for it
+        qtype = fallback_type(qtype, n)
     if lin.qtype == qtype:
+        data = lin.data.cpu().numpy()
         return PackedTensor(data if perm is None else data[perm], qtype, True, 0.0, 0.0,
-                            "exact (quantized on this type's lattice)")
+                            "exact (quantized on this type's lattice)"
+                            + ("" if asked == qtype else f"; {qtype} is the fallback of {asked} for input dim {n}"))
     w = lin.dequantize().double().numpy()
     w = w if perm is None else w[perm]
     hdiag = None if lin.hdiag is None else lin.hdiag.float().cpu().numpy()
-    n = w.shape[1]
-    from .presets import BLOCK, EXTRA_TYPES, refit_extra
-
-    note = f"refit from {lin.qtype}"
-    if qtype in ("F16", "F32"):
+    note = f"refit from {lin.qtype}" + ("" if asked == qtype else f" ({qtype}: the fallback of {asked} for input dim {n})")
+    if qtype == "F32":
         return _float_tensor(w, qtype)
+    if qtype == "F16":
+        return _fallback_float(w, hdiag, note if asked != qtype else "--type F16")
     if n % BLOCK.get(qtype, QK):
         return _fallback_float(w, hdiag, f"{qtype} does not divide input dim {n}")
     if qtype in EXTRA_TYPES:
@@ -276,8 +282,6 @@ def export_gguf(master, out, qtype: str = "Q4_1", embed_type: str = "auto", outp
                 raise UserError(f"preset {preset} stores {tname} as {ltype} ({type_bits}-bit) but the master holds "
                                 f"{lin.bits}-bit codes for it; re-quantize with the preset's bit widths "
                                 f"(converters.gguf.presets.preset_bits) or at most {type_bits} bits, or pass --allow-narrower to refit them")
-        elif isinstance(lin, GGUFLinear) and qtype in _presets.TYPE_BITS and lin.qtype == _presets.fallback_type(qtype, lin.shape[1]):
-            ltype = lin.qtype  # quantized for this type, or for llama-quantize's fallback of it
         say(f"packing {lname} ({ltype})")
         entries.append((tname, _pack_typed(lin, ltype, perm) if isinstance(lin, GGUFLinear) else _pack_linear(lin, ltype, perm)))
     for k in sorted(tensors, key=_layer_key):

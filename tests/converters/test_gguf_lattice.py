@@ -178,3 +178,21 @@ def test_lattice_blocks_resume(tiny_model_dir, tmp_path):
     back, _ = _load_block(tmp_path / "b.safetensors", [name], opts)
     assert back[name].qtype == "Q2_K" and back[name].shape == (256, 512)
     assert torch.equal(back[name].data, rec.data) and torch.equal(back[name].dequantize(), rec.dequantize())
+
+
+def test_typed_linear_takes_llama_quantizes_fallback_for_rows_the_type_does_not_divide():
+    """A linear quantized for Q5_0 (the fallback of Q4_K for 576-wide rows) exports unchanged under --type Q4_K;
+    under Q2_K (fallback IQ4_NL) it is refit on IQ4_NL, never stored as F16."""
+    from converters.gguf.writer import _pack_typed
+    from neuqi_export.master import GGUFLinear
+
+    W, h = _heavy(8, 576, seed=3).float(), torch.rand(576, dtype=torch.float32) + 0.1
+    res = quantize_for_type(W, None, h, "Q5_0", gptq=False)
+    lin = GGUFLinear(torch.from_numpy(res.data), "Q5_0", (8, 576), h)
+    same = _pack_typed(lin, "Q4_K", None)
+    assert same.qtype == "Q5_0" and same.exact and np.array_equal(same.data, res.data)
+    assert "fallback of Q4_K" in same.note
+    other = _pack_typed(lin, "Q2_K", None)
+    assert other.qtype == "IQ4_NL" and not other.exact and "fallback of Q2_K" in other.note
+    f16 = _pack_typed(lin, "F16", None)
+    assert f16.qtype == "F16" and f16.data.shape == (8, 576)
