@@ -196,3 +196,23 @@ def test_typed_linear_takes_llama_quantizes_fallback_for_rows_the_type_does_not_
     assert other.qtype == "IQ4_NL" and not other.exact and "fallback of Q2_K" in other.note
     f16 = _pack_typed(lin, "F16", None)
     assert f16.qtype == "F16" and f16.data.shape == (8, 576)
+
+
+@pytest.mark.parametrize("qtype", sorted(set(LATTICES) - {"IQ4_NL"}))
+def test_affine_rounding_is_the_nearest_value(qtype):
+    """The O(3) rounding of the affine lattices picks exactly what the search over all K values picks (ties to the
+    lower index), on weights in, between and beyond each sub-block's values."""
+    from converters.gguf.lattice import lattice, nearest, nearest_affine
+
+    lt = lattice(qtype)
+    W = _heavy(16, 512, seed=11)
+    params, _ = lt.fit(W.numpy(), np.ones(512))
+    V = torch.from_numpy(sub_block_values(lt, params, 16, 512))
+    g = torch.Generator().manual_seed(2)
+    for w in (W.float(), W.float() * 3, V[..., :1].expand(-1, -1, lt.sub_block).reshape(16, 512)):
+        wv = (w + 1e-3 * torch.randn(16, 512, generator=g)).reshape(16, 512 // lt.sub_block, lt.sub_block)
+        vals = V.unsqueeze(2).expand(-1, -1, lt.sub_block, -1)
+        assert torch.equal(nearest_affine(wv, vals), nearest(wv, vals))
+    mid = (V[..., :-1] + V[..., 1:]) / 2  # exact midpoints between neighbours: the lower index
+    vals = V.unsqueeze(2).expand(-1, -1, mid.shape[-1], -1)
+    assert torch.equal(nearest_affine(mid, vals), nearest(mid, vals))
