@@ -131,6 +131,9 @@ def _model_path(arg: str) -> str:
 def _options(args):
     from .pipeline import QuantizeOptions
 
+    if args.imatrix and args.calib != "auto":  # the imatrix's h replaces calibration: the text would be ignored
+        raise UserError(f"--imatrix replaces calibration text, so --calib {args.calib} would be ignored; "
+                        "drop --calib (or drop --imatrix to calibrate on that text)")
     opts = QuantizeOptions(bits=args.bits, group_size=args.group_size, init=args.init, gptq=args.gptq,
                            act_order=not args.no_act_order, nsamples=args.nsamples, seqlen=args.seqlen,
                            seed=args.seed, calibrate=not (args.no_calib or args.imatrix), imatrix=args.imatrix)

@@ -7,7 +7,7 @@ import torch
 
 from .arch import arch_for, read_model_dir
 from .errors import UserError
-from .master import MasterCheckpoint
+from .master import QUANT_METHOD, MasterCheckpoint
 
 
 def load_hf_model(model_dir, dtype=torch.float32):
@@ -21,6 +21,16 @@ def load_hf_model(model_dir, dtype=torch.float32):
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     return model, tokenizer, config
+
+
+def float_master(model_dir) -> MasterCheckpoint:
+    """The HF model's own weights (float32) as a master with no quantized linear: the exporters' float reference."""
+    from pathlib import Path
+
+    model, _, config = load_hf_model(model_dir)
+    sd = {k: v.detach().to(torch.float32).cpu() for k, v in model.state_dict().items()}
+    cfg = dict(config, quantization_config={"quant_method": QUANT_METHOD, "calibrated": False})
+    return MasterCheckpoint(config=cfg, linears={}, tensors=sd, tokenizer_dir=Path(model_dir))
 
 
 def check_finite_weights(model) -> None:

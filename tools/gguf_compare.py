@@ -200,12 +200,18 @@ def main() -> None:
         kind = "-imatrix" if imatrix else "-rtn" if rtn else ""
         key = f"master-{tag}-" + (f"lattice{kind}-{preset}" if lattice else f"{bits}bit")
         out = work / key
-        label = ("K-quant-aware, llama-imatrix" if imatrix else "K-quant-aware, no GPTQ" if rtn
-                 else "K-quant-aware") if lattice else f"{bits}-bit"
+        with_gptq = gptq and not rtn and not imatrix
+        if lattice and imatrix:
+            label = "ours (K-quant-aware fit with llama-imatrix's file, no calibration, no GPTQ)"
+        elif lattice:
+            label = (f"ours (K-quant-aware: diag-H fit{' + GPTQ' if with_gptq else ''} on each tensor's type"
+                     f"{'' if with_gptq else ', no GPTQ'})")
+        else:
+            label = f"ours ({args.init}{' + GPTQ' if gptq else ''}, {bits}-bit g{args.group_size} master)"
         if out.exists():
             return out, label
         opts = QuantizeOptions(bits=bits, group_size=args.group_size, init=args.init,
-                               gptq=gptq and not rtn and not imatrix, nsamples=args.nsamples, seqlen=args.seqlen,
+                               gptq=with_gptq, nsamples=args.nsamples, seqlen=args.seqlen,
                                calibrate=imatrix is None, imatrix=str(imatrix) if imatrix else None)
         if lattice:  # every linear fitted + GPTQ'd on its GGUF type (what `convert --gguf-fit lattice` does)
             opts.gguf_types = linear_types(config, preset=preset)
@@ -241,7 +247,7 @@ def main() -> None:
         if not args.no_lattice:
             ldir, llabel = get_master(preset, lattice=True)
             masters[ldir] = llabel
-        if args.lattice_rtn:
+        if args.lattice_rtn and gptq:  # with --no-gptq the K-quant-aware row above is already without GPTQ
             ldir, llabel = get_master(preset, lattice=True, rtn=True)
             masters[ldir] = llabel
         if args.lattice_imatrix and imat_llama.exists():
@@ -257,14 +263,8 @@ def main() -> None:
                     print(f"  export {preset}: {time.time() - t0:.0f} s", flush=True)
                 return out
 
-            if olabel == "K-quant-aware, llama-imatrix":
-                label = "ours (K-quant-aware fit with llama-imatrix's file, no calibration, no GPTQ)"
-            elif olabel.startswith("K-quant-aware"):
-                with_gptq = gptq and olabel == "K-quant-aware"
-                label = f"ours (K-quant-aware: diag-H fit{' + GPTQ' if with_gptq else ''} on each tensor's type{'' if with_gptq else ', no GPTQ'})"
-            else:
-                label = f"ours ({args.init}{' + GPTQ' if gptq else ''}, {olabel} g{args.group_size} master)"
-            results[(preset, label)] = cell(f"ours-{odir.name}-{preset}", ours)
+            assert (preset, olabel) not in results, f"two rows labelled {olabel!r}"
+            results[(preset, olabel)] = cell(f"ours-{odir.name}-{preset}", ours)
         if not quantize_bin:
             def lib(preset=preset):
                 out = work / f"llama-quantize-plain-{preset}.gguf"

@@ -287,12 +287,9 @@ def main() -> None:
     def fp32_dir() -> Path:
         out = work / "onnx-fp32"
         if not out.exists():
-            from neuqi_export.modeling import load_hf_model
+            from neuqi_export.modeling import float_master
 
-            model = load_hf_model(model_dir)[0]
-            sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
-            cfg = dict(hf_cfg, quantization_config={"quant_method": "neuqi", "calibrated": False})
-            export_onnx(MasterCheckpoint(config=cfg, linears={}, tensors=sd, tokenizer_dir=model_dir), out)
+            export_onnx(float_master(model_dir), out)
         return out
 
     def ort_quantized(kind: str, bits: int) -> Path:

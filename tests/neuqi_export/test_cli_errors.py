@@ -36,6 +36,7 @@ def _copy(src, dst):
     ("calib_empty", "empty"),
     ("calib_short", "needs at least"),
     ("exists", "already exists"),
+    ("imatrix_calib", "--imatrix replaces calibration text"),
 ])
 def test_bad_input(case, match, tmp_path, capsys, tiny_llama_dir, calib_file):
     model = tiny_llama_dir
@@ -73,6 +74,8 @@ def test_bad_input(case, match, tmp_path, capsys, tiny_llama_dir, calib_file):
         extra[1] = tmp_path / "short.txt"
     elif case == "exists":
         out.mkdir()
+    elif case == "imatrix_calib":  # an explicit --calib beside --imatrix would be silently ignored
+        extra += ["--imatrix", tmp_path / "h.imatrix.gguf"]
     code, err = _run(capsys, "quantize", model, "-o", out, *extra)
     assert code == 2
     assert err.count("\n") == 0 and err.startswith("neuqi-export: error:") and match in err, err

@@ -66,3 +66,17 @@ def test_save_refuses_existing_output_and_leaves_no_temp(tmp_path):
 def test_load_rejects_non_master(tmp_path):
     with pytest.raises(UserError, match="not a neuqi-export master"):
         MasterCheckpoint.load(tmp_path)
+
+
+def test_float_master_is_the_original_model(tiny_llama_dir):
+    """float_master: no quantized linear, every tensor the HF model's own; rebuilt as a model it gives its logits."""
+    from neuqi_export.modeling import float_master, load_hf_model, master_to_hf
+
+    model = load_hf_model(tiny_llama_dir)[0]
+    m = float_master(tiny_llama_dir)
+    assert m.linears == {} and m.quantization_config == {"quant_method": "neuqi", "calibrated": False}
+    sd = model.state_dict()
+    assert set(m.tensors) == set(sd) and all(torch.equal(m.tensors[k], sd[k].float()) for k in sd)
+    ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(master_to_hf(m)(ids).logits, model(ids).logits)
