@@ -257,18 +257,18 @@ def _lattice_types(model: str, qtype: str, preset: str | None) -> dict[str, str]
     """{linear: GGUF type} for the K-quant-aware mode: `preset`'s plan, a mixture name's plan, or one K type
     with llama-quantize's fallbacks; UserError for a type that has no lattice mode."""
     from converters.gguf.lattice import LATTICES
-    from converters.gguf.presets import PRESETS, linear_types
+    from converters.gguf.presets import PRESETS, is_mixture, linear_types
     from converters.gguf.writer import WEIGHT_TYPES
 
     from .arch import read_model_dir
 
     name = str(qtype).upper()
-    if preset is None and name in PRESETS and name not in WEIGHT_TYPES:
+    if preset is None and is_mixture(name):
         preset = name
     if preset is None and not (name in LATTICES and name in WEIGHT_TYPES):  # what `export --type` accepts too
         singles = sorted(t for t in LATTICES if t in WEIGHT_TYPES)
         raise UserError(f"GGUF type {qtype!r} has no K-quant-aware mode; use one of {', '.join(singles)} or a "
-                        f"llama-quantize mixture ({', '.join(p for p in PRESETS if p not in WEIGHT_TYPES)})")
+                        f"llama-quantize mixture ({', '.join(p for p in PRESETS if is_mixture(p))})")
     _, config, spec = read_model_dir(_model_path(model))
     return linear_types(config, preset=preset, qtype=None if preset else name, prefix=spec.blocks_path)
 
@@ -291,10 +291,9 @@ def _gguf_mixture(args) -> bool:
     """Is this a GGUF export with a llama-quantize mixture (per-tensor types, not one uniform grid)?"""
     if args.to != "gguf":
         return False
-    from converters.gguf import WEIGHT_TYPES
-    from converters.gguf.presets import PRESETS
+    from converters.gguf.presets import is_mixture
 
-    return bool(getattr(args, "preset", None)) or (args.gguf_type in PRESETS and args.gguf_type not in WEIGHT_TYPES)
+    return bool(getattr(args, "preset", None)) or is_mixture(args.gguf_type)
 
 
 def cmd_distill(args) -> int:

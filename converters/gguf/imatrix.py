@@ -35,15 +35,9 @@ import numpy as np
 
 from neuqi_export.errors import UserError
 
-from .presets import ROLES
+from .presets import linear_names, row_lengths  # the HF <-> GGUF name and row-length tables
 
 GGUF_MAGIC = b"GGUF"
-
-
-def linear_names(model_config: dict) -> dict[str, str]:
-    """{HF linear module name: GGUF weight name} for a llama-style model."""
-    n = int(model_config["num_hidden_layers"])
-    return {f"model.layers.{i}.{hf}": f"blk.{i}.{role}.weight" for i in range(n) for role, hf in ROLES.items()}
 
 
 def master_importance(master) -> tuple[dict[str, np.ndarray], int, int]:
@@ -203,10 +197,7 @@ def read_imatrix(path, model_config: dict) -> dict:
     import torch
 
     imp, _ = read_imatrix_file(path)
-    n_embd = int(model_config["hidden_size"])
-    n_head = int(model_config["num_attention_heads"])
-    hd = int(model_config.get("head_dim") or n_embd // n_head)
-    n_in = {"attn_output": n_head * hd, "ffn_down": int(model_config["intermediate_size"])}
+    n_in = row_lengths(model_config)
     out = {}
     for hf, g in linear_names(model_config).items():
         if g not in imp:
@@ -214,8 +205,7 @@ def read_imatrix(path, model_config: dict) -> dict:
         v = np.asarray(imp[g])
         if v.ndim != 1:
             raise UserError(f"imatrix entry {g} has {v.shape[0]} expert matrices; only dense models are supported")
-        role = g.split(".")[2]
-        want = n_in.get(role, n_embd)
+        want = n_in[g.split(".")[2]]
         if v.size != want:
             raise UserError(f"imatrix entry {g} has {v.size} values but the model's {hf} has {want} inputs; "
                             "the imatrix belongs to another model")

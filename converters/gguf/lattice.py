@@ -7,9 +7,9 @@ way NeUQI + GPTQ quantize a uniform grid:
 
   1. fit the type's block parameters on the ORIGINAL weights with the diag(H) objective Σ_j h_j (w_j − ŵ_j)²
      (the fitting code of kquants.py / presets.py, here fed W instead of a master's dequantized values);
-  2. read the K values of every sub-block exactly as llama.cpp computes them: pack the parameters with all
-     codes set to k and dequantize with gguf.quants (no second formula that could drift from the runtime;
-     for K > 32 the affine progression is read from k = 0 and 1);
+  2. read the K values of every sub-block exactly as llama.cpp computes them: pack the parameters with weight
+     k of every sub-block set to code k and dequantize once with gguf.quants (no second formula that could
+     drift from the runtime; for K > 32 the affine progression is read from k = 0 and 1);
   3. GPTQ with those parameters fixed (static groups, act-order), each column rounded to the nearest value
      its sub-block offers;
   4. pack the codes with the fitted parameters: the file holds exactly the weights GPTQ compensated for.
@@ -112,13 +112,19 @@ def lattice(qtype: str) -> LatticeType:
 def sub_block_values(lt: LatticeType, params: tuple, rows: int, n: int) -> np.ndarray:
     """float32 (rows, n/B, K): the value code k stands for in each sub-block, as gguf.quants dequantizes it."""
     ggml = gguf.GGMLQuantizationType[lt.name]
-    ks = range(lt.levels) if lt.levels <= 32 else (0, 1)
-    cols = [gguf.quants.dequantize(lt.pack(params, np.full((rows, n), k, np.uint8)), ggml).reshape(rows, n)[:, :: lt.sub_block]
-            for k in ks]
-    if lt.levels <= 32:
-        return np.stack(cols, -1).astype(np.float32)
-    v0, step = cols[0].astype(np.float32), (cols[1] - cols[0]).astype(np.float32)
-    return v0[..., None] + step[..., None] * np.arange(lt.levels, dtype=np.float32)
+    B, K = lt.sub_block, lt.levels
+    ks = np.arange(K) if K <= 32 else np.arange(2)  # K > 32: the affine progression is read from k = 0 and 1
+    cols = []
+    for at in range(0, len(ks), B):  # one pack per B codes: weight j of every sub-block holds code ks[at + j]
+        part = ks[at:at + B]
+        codes = np.broadcast_to(np.resize(part, B), (rows, n // B, B)).reshape(rows, n).astype(np.uint8)
+        deq = gguf.quants.dequantize(lt.pack(params, codes), ggml).reshape(rows, n // B, B)
+        cols.append(deq[..., :len(part)])
+    vals = np.concatenate(cols, -1)
+    if K <= 32:
+        return vals.astype(np.float32)
+    v0, step = vals[..., 0].astype(np.float32), (vals[..., 1] - vals[..., 0]).astype(np.float32)
+    return v0[..., None] + step[..., None] * np.arange(K, dtype=np.float32)
 
 
 def nearest(w: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

@@ -46,8 +46,6 @@ next to nothing).
 """
 from __future__ import annotations
 
-import re
-
 import gguf
 import numpy as np
 
@@ -122,6 +120,13 @@ def _check_preset(name: str) -> str:
     return key
 
 
+def is_mixture(name) -> bool:
+    """Is `name` (any case) a llama-quantize mixture preset rather than one of the exporter's single weight types?"""
+    from .writer import WEIGHT_TYPES
+
+    return name not in WEIGHT_TYPES and str(name).upper() in PRESETS
+
+
 def preset_plan(name: str, model_config: dict, tied: bool | None = None) -> dict[str, tuple[str, int]]:
     """{GGUF tensor name: (GGUF type, master bits)} for every 2-D weight, as llama-quantize would choose.
 
@@ -138,7 +143,7 @@ def preset_plan(name: str, model_config: dict, tied: bool | None = None) -> dict
         tied = bool(c.get("tie_word_embeddings", False))
     base = BASE[preset]
     plan: dict[str, tuple[str, int]] = {}
-    rows_in = _row_lengths(c)
+    rows_in = row_lengths(c)
 
     def put(tname, t, row):
         t = fallback_type(t, row)
@@ -157,8 +162,8 @@ def preset_plan(name: str, model_config: dict, tied: bool | None = None) -> dict
     return plan
 
 
-def _row_lengths(c: dict) -> dict[str, int]:
-    """Input dim (the GGUF row length) of each linear role."""
+def row_lengths(c: dict) -> dict[str, int]:
+    """{GGUF role: input dim (the GGUF row length)} of each linear of a llama-style block."""
     n_head = int(c["num_attention_heads"])
     n_embd = int(c["hidden_size"])
     hd = int(c.get("head_dim") or n_embd // n_head)
@@ -166,18 +171,19 @@ def _row_lengths(c: dict) -> dict[str, int]:
             "ffn_gate": n_embd, "ffn_up": n_embd, "ffn_down": int(c["intermediate_size"])}
 
 
-def _by_module(plan: dict[str, tuple[str, int]], prefix: str, pick: int) -> dict:
-    out = {}
-    for tname, entry in plan.items():
-        m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", tname)
-        if m:
-            out[f"{prefix}.{m.group(1)}.{ROLES[m.group(2)]}"] = entry[pick]
-    return out
+def linear_names(model_config: dict, prefix: str = "model.layers") -> dict[str, str]:
+    """{HF linear module name: GGUF weight name} for a llama-style model (layer by layer, ROLES order)."""
+    n = int(model_config["num_hidden_layers"])
+    return {f"{prefix}.{i}.{hf}": f"blk.{i}.{role}.weight" for i in range(n) for role, hf in ROLES.items()}
+
+
+def _by_module(plan: dict[str, tuple[str, int]], model_config: dict, prefix: str, pick: int) -> dict:
+    return {hf: plan[g][pick] for hf, g in linear_names(model_config, prefix).items()}
 
 
 def preset_bits(name: str, model_config: dict, prefix: str = "model.layers") -> dict[str, int]:
     """{HF linear module name: bits the master should use} for a preset (the pipeline's per-tensor widths)."""
-    return _by_module(preset_plan(name, model_config), prefix, 1)
+    return _by_module(preset_plan(name, model_config), model_config, prefix, 1)
 
 
 def linear_types(model_config: dict, preset: str | None = None, qtype: str | None = None,
@@ -185,10 +191,9 @@ def linear_types(model_config: dict, preset: str | None = None, qtype: str | Non
     """{HF linear module name: GGUF type}: a preset's per-tensor plan, or one type for every linear with
     llama-quantize's fallback for rows its block does not divide (what the K-quant-aware mode quantizes for)."""
     if preset is not None:
-        return _by_module(preset_plan(preset, model_config), prefix, 0)
-    rows_in = _row_lengths(model_config)
-    return {f"{prefix}.{i}.{mod}": fallback_type(qtype, rows_in[role])
-            for i in range(int(model_config["num_hidden_layers"])) for role, mod in ROLES.items()}
+        return _by_module(preset_plan(preset, model_config), model_config, prefix, 0)
+    rows_in = row_lengths(model_config)
+    return {hf: fallback_type(qtype, rows_in[g.split(".")[2]]) for hf, g in linear_names(model_config, prefix).items()}
 
 
 def describe(name: str, model_config: dict) -> str:
@@ -322,5 +327,5 @@ def refit_extra(w: np.ndarray, hdiag: np.ndarray | None, qtype: str, note: str =
     return PackedTensor(data, qtype, False, err, rel, f"{qtype} refit (diag-H){'; ' + note if note else ''}")
 
 
-__all__ = ["PRESETS", "preset_plan", "preset_bits", "fallback_type", "more_bits", "refit_extra", "describe",
-           "TYPE_BITS", "EXTRA_TYPES"]
+__all__ = ["PRESETS", "is_mixture", "linear_names", "row_lengths", "preset_plan", "preset_bits", "fallback_type",
+           "more_bits", "refit_extra", "describe", "TYPE_BITS", "EXTRA_TYPES"]

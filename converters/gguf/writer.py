@@ -14,7 +14,7 @@ from neuqi_export.master import GGUFLinear
 
 from . import metadata
 from .exact import LEGACY_TYPES, NotRepresentable, PackedTensor, master_dequant, pack_exact, weighted_error
-from .kquants import refit_legacy
+from .kquants import K_TYPES, refit_k, refit_legacy
 from .packers import QK, QK_K, quantize_q6_k, quantize_q8_0
 
 # --type -> (max master bits, general.file_type)
@@ -81,8 +81,6 @@ def _float_tensor(w: np.ndarray, qtype: str) -> PackedTensor:
         if qtype in EXTRA_TYPES and n % BLOCK[qtype] == 0:
             return refit_extra(w, None, qtype, "from float (unquantized in the master)")
         if qtype in ("Q2_K", "Q3_K", "Q4_K") and n % QK_K == 0:
-            from .kquants import refit_k
-
             return refit_k(w.astype(np.float64), None, qtype, 8, n)
         raise UserError(f"unknown tensor type {qtype!r}; use one of {', '.join(FLOAT_TYPES[1:])}")
     err, rel = weighted_error(w, back, np.ones(n))
@@ -95,6 +93,7 @@ def default_output_type(n_embd: int) -> str:
 
 
 def _pack_linear(lin, qtype: str, perm: np.ndarray | None) -> PackedTensor:
+    """A master linear (codes, scale, zero) as qtype: Q4_1/Q5_1 exact when its codes fit, else refit on diag(H)."""
     codes = lin.codes.cpu().numpy().astype(np.uint8)
     scale = lin.scale.float().cpu().numpy()
     zero = lin.zero.float().cpu().numpy()
@@ -102,27 +101,15 @@ def _pack_linear(lin, qtype: str, perm: np.ndarray | None) -> PackedTensor:
         codes, scale, zero = codes[perm], scale[perm], zero[perm]
     hdiag = None if lin.hdiag is None else lin.hdiag.float().cpu().numpy()
     g = lin.effective_group_size
-    if qtype in ("F16", "F32"):
-        w = master_dequant(codes, scale, zero, g)
-        return _float_tensor(w, qtype) if qtype == "F32" else _fallback_float(w, hdiag, "--type F16")
-    from .presets import EXTRA_TYPES, refit_extra  # per-tensor types of the presets
-
-    if qtype in EXTRA_TYPES:
-        return refit_extra(master_dequant(codes, scale, zero, g), hdiag, qtype)
     if qtype in LEGACY_TYPES:
         try:
             return pack_exact(codes, scale, zero, g, lin.bits, hdiag, qtype)
         except NotRepresentable as exc:
             why = str(exc)
-        w = master_dequant(codes, scale, zero, g)
-        if w.shape[1] % QK == 0:
-            return refit_legacy(w, hdiag, qtype, why)
-        return _fallback_float(w, hdiag, why)
-    from .kquants import refit_k  # K types
-
+        return refit_values(master_dequant(codes, scale, zero, g), hdiag, qtype, why, undivided=why)
     w = master_dequant(codes, scale, zero, g)
-    if w.shape[1] % QK_K == 0:
-        return refit_k(w, hdiag, qtype, lin.bits, g, scale, zero)
+    if qtype not in K_TYPES or w.shape[1] % QK_K == 0:
+        return refit_values(w, hdiag, qtype, k_seed=(lin.bits, g, scale, zero))
     # like llama-quantize, a row that is not a multiple of 256 gets a legacy type: Q4_1 (exact when the
     # master fits it), else Q5_1 exact, else a Q4_1 refit
     why = f"input dim {w.shape[1]} is not a multiple of {QK_K}"
@@ -133,17 +120,16 @@ def _pack_linear(lin, qtype: str, perm: np.ndarray | None) -> PackedTensor:
             return pt
         except NotRepresentable:
             pass
-    if w.shape[1] % QK == 0:
-        pt = refit_legacy(w, hdiag, "Q4_1", why)
+    pt = refit_values(w, hdiag, "Q4_1", why, undivided=why)
+    if pt.qtype == "Q4_1":
         pt.note = f"Q4_1 refit instead of {qtype} ({why})"
-        return pt
-    return _fallback_float(w, hdiag, why)
+    return pt
 
 
 def _pack_typed(lin: GGUFLinear, qtype: str, perm: np.ndarray | None) -> PackedTensor:
     """A linear already quantized for a GGUF type: its blocks as they are (rows permuted for rope), or, when
     the export asks for another type, a refit of its values on its diag(H)."""
-    from .presets import BLOCK, EXTRA_TYPES, fallback_type, refit_extra
+    from .presets import BLOCK, fallback_type
 
     n = lin.shape[1]
     asked = qtype
@@ -158,19 +144,28 @@ def _pack_typed(lin: GGUFLinear, qtype: str, perm: np.ndarray | None) -> PackedT
     w = w if perm is None else w[perm]
     hdiag = None if lin.hdiag is None else lin.hdiag.float().cpu().numpy()
     note = f"refit from {lin.qtype}" + ("" if asked == qtype else f" ({qtype}: the fallback of {asked} for input dim {n})")
+    return refit_values(w, hdiag, qtype, note, f16_why=note if asked != qtype else "--type F16")
+
+
+def refit_values(w: np.ndarray, hdiag: np.ndarray | None, qtype: str, note: str = "", *, f16_why: str = "--type F16",
+                 undivided: str | None = None, k_seed: tuple | None = None) -> PackedTensor:
+    """Float values w (rows, n) stored as `qtype`, refit on diag(H) (hdiag; None = 1); F16 when qtype's block does
+    not divide n. note: the refit's report note; k_seed: a master's (bits, group_size, scale, zero) for a K type."""
+    from .presets import BLOCK, EXTRA_TYPES, refit_extra
+
+    n = w.shape[1]
     if qtype == "F32":
         return _float_tensor(w, qtype)
     if qtype == "F16":
-        return _fallback_float(w, hdiag, note if asked != qtype else "--type F16")
+        return _fallback_float(w, hdiag, f16_why)
     if n % BLOCK.get(qtype, QK):
-        return _fallback_float(w, hdiag, f"{qtype} does not divide input dim {n}")
+        return _fallback_float(w, hdiag, undivided or f"{qtype} does not divide input dim {n}")
     if qtype in EXTRA_TYPES:
         return refit_extra(w, hdiag, qtype, note)
     if qtype in LEGACY_TYPES:
         return refit_legacy(w, hdiag, qtype, note)
-    from .kquants import refit_k
-
-    return refit_k(w, hdiag, qtype, 8, n)
+    bits, group_size, scale, zero = k_seed or (8, n, None, None)
+    return refit_k(w, hdiag, qtype, bits, group_size, scale, zero)
 
 
 def _fallback_float(w: np.ndarray, hdiag, why: str) -> PackedTensor:
@@ -202,7 +197,7 @@ def export_gguf(master, out, qtype: str = "Q4_1", embed_type: str = "auto", outp
     out = Path(out)
     from . import presets as _presets
 
-    if preset is None and qtype not in WEIGHT_TYPES and str(qtype).upper() in _presets.PRESETS:
+    if preset is None and _presets.is_mixture(qtype):
         preset = qtype  # a llama-quantize mixture name (Q3_K_M, Q4_K_M, ...): per-tensor types
     plan = None
     if preset is not None:
@@ -345,16 +340,9 @@ def export_gguf(master, out, qtype: str = "Q4_1", embed_type: str = "auto", outp
 
 def export_original(model_dir, out, qtype: str = "F16", overwrite: bool = False) -> ExportReport:
     """A HF model's own (unquantized) weights as a GGUF, every tensor `qtype` (F16/F32): llama-quantize's input."""
-    import torch
+    from neuqi_export.modeling import float_master
 
-    from neuqi_export.master import MasterCheckpoint
-    from neuqi_export.modeling import load_hf_model
-
-    model, _, config = load_hf_model(model_dir)
-    sd = {k: v.detach().to(torch.float32).cpu() for k, v in model.state_dict().items()}
-    cfg = dict(config, quantization_config={"quant_method": "neuqi", "calibrated": False})
-    master = MasterCheckpoint(config=cfg, linears={}, tensors=sd, tokenizer_dir=Path(model_dir))
-    return export_gguf(master, out, qtype=qtype, embed_type=qtype, output_type=qtype, overwrite=overwrite)
+    return export_gguf(float_master(model_dir), out, qtype=qtype, embed_type=qtype, output_type=qtype, overwrite=overwrite)
 
 
 def _is_tied(master) -> bool:

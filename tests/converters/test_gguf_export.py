@@ -253,3 +253,26 @@ def test_rope_scaling(tmp_path, rope):
     max_rel, rms_rel, agree = _compare(master, out, windows(tok_dir, n=2, length=48))
     print(f"rope {rope['rope_type']}: max rel {max_rel:.4f}, rms rel {rms_rel:.4f}, argmax {agree:.3f}")
     assert max_rel < 0.10 and rms_rel < 0.06 and agree >= 0.85
+
+
+def test_refit_values_dispatch():
+    """The one "float values -> a GGUF type" dispatch of _pack_linear and _pack_typed: floats as floats, each
+    block type through its refit (diag-H weighted), F16 with the reason when the type's block does not divide n."""
+    from converters.gguf.kquants import refit_k, refit_legacy
+    from converters.gguf.presets import refit_extra
+    from converters.gguf.writer import refit_values
+
+    rng = np.random.default_rng(0)
+    w, h = rng.standard_normal((4, 512)), rng.uniform(0.1, 2, 512)
+    assert refit_values(w, h, "F32").qtype == "F32"
+    f16 = refit_values(w, h, "F16")
+    assert f16.qtype == "F16" and f16.note == "fallback to F16 (--type F16)"
+    assert refit_values(w, h, "F16", f16_why="why").note == "fallback to F16 (why)"
+    for qtype, direct in (("Q5_0", lambda: refit_extra(w, h, "Q5_0", "n")),
+                          ("Q4_1", lambda: refit_legacy(w, h, "Q4_1", "n")),
+                          ("Q4_K", lambda: refit_k(w, h, "Q4_K", 8, 512))):
+        got, want = refit_values(w, h, qtype, "n"), direct()
+        assert got.qtype == qtype and np.array_equal(got.data, want.data) and got.note == want.note
+    short = rng.standard_normal((4, 576))
+    assert refit_values(short, None, "Q4_K").note == "fallback to F16 (Q4_K does not divide input dim 576)"
+    assert refit_values(short[:, :100], None, "Q4_1", undivided="odd").note == "fallback to F16 (odd)"

@@ -216,3 +216,30 @@ def test_affine_rounding_is_the_nearest_value(qtype):
     mid = (V[..., :-1] + V[..., 1:]) / 2  # exact midpoints between neighbours: the lower index
     vals = V.unsqueeze(2).expand(-1, -1, mid.shape[-1], -1)
     assert torch.equal(nearest_affine(mid, vals), nearest(mid, vals))
+
+
+def _values_by_packing_each_code(lt, params, rows, n):
+    """The first formulation of sub_block_values: one pack per code k (all codes k), read at each sub-block's start."""
+    ggml = gguf.GGMLQuantizationType[lt.name]
+    ks = range(lt.levels) if lt.levels <= 32 else (0, 1)
+    cols = [gguf.quants.dequantize(lt.pack(params, np.full((rows, n), k, np.uint8)), ggml).reshape(rows, n)
+            [:, ::lt.sub_block] for k in ks]
+    if lt.levels <= 32:
+        return np.stack(cols, -1).astype(np.float32)
+    v0, step = cols[0].astype(np.float32), (cols[1] - cols[0]).astype(np.float32)
+    return v0[..., None] + step[..., None] * np.arange(lt.levels, dtype=np.float32)
+
+
+@pytest.mark.parametrize("qtype", sorted(LATTICES))
+def test_sub_block_values_equal_one_pack_per_code(qtype):
+    """One pack (weight k of each sub-block set to code k) gives bit-identical tables to packing every code apart,
+    on random weights, weights, h and scales of several magnitudes (incl. an all-zero and an all-negative block)."""
+    lt = LATTICES[qtype]
+    for seed, (rows, n, mag) in enumerate(((8, 512, 1.0), (5, 768, 1e-3), (3, 256, 40.0))):
+        w = _heavy(rows, n, 20 + seed).numpy() * mag
+        h = np.random.default_rng(seed).uniform(0.05, 5, n)
+        params, _ = lt.fit(w, h)
+        got = sub_block_values(lt, params, rows, n)
+        want = _values_by_packing_each_code(lt, params, rows, n)
+        assert got.dtype == want.dtype == np.float32 and got.shape == (rows, n // lt.sub_block, lt.levels)
+        np.testing.assert_array_equal(got, want)

@@ -219,3 +219,46 @@ def test_cli_type_and_preset(tiny256):
         cg.export(masters[4], tmp / "cli-d.gguf", p.parse_args(["--preset", "Q2_K"]))
     rep = cg.export(masters[4], tmp / "cli-d.gguf", p.parse_args(["--preset", "Q2_K", "--allow-narrower"]))
     assert {t.name: t.type for t in rep.tensors}["blk.0.attn_q.weight"] == "Q2_K"
+
+
+def test_is_mixture_decides_preset_names():
+    """A mixture is a preset name that is not one of the exporter's single weight types (Q2_K, Q4_1, ... stay
+    single types); any case; what the writer and the CLI both use."""
+    from converters.gguf.presets import is_mixture
+    from converters.gguf.writer import WEIGHT_TYPES
+
+    assert [p for p in PRESETS if is_mixture(p)] == ["Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S",
+                                                     "Q5_K_M", "Q6_K"]
+    assert is_mixture("q4_k_m") and is_mixture("Q6_K")
+    assert not any(is_mixture(t) for t in WEIGHT_TYPES)
+    assert not any(is_mixture(t) for t in ("IQ4_NL", "Q8_0", "nonsense", None))
+
+
+def test_cli_mixture_checks_use_is_mixture():
+    """cli._gguf_mixture answers as presets.is_mixture; a preset flag always makes a mixture."""
+    import argparse
+
+    from neuqi_export.cli import _gguf_mixture
+
+    for t in ("Q4_K_M", "Q6_K", "Q2_K", "Q4_1", "F16"):
+        assert _gguf_mixture(argparse.Namespace(to="gguf", gguf_type=t, preset=None)) == (t in ("Q4_K_M", "Q6_K"))
+    assert _gguf_mixture(argparse.Namespace(to="gguf", gguf_type="Q4_1", preset="Q2_K"))
+    assert not _gguf_mixture(argparse.Namespace(to="onnx", gguf_type="Q4_K_M", preset=None))
+
+
+def test_one_name_table_for_presets_and_imatrix():
+    """linear_names / row_lengths are the one HF <-> GGUF table: the imatrix module uses the same objects, and
+    preset_bits / linear_types are keyed by exactly its HF names (with any prefix)."""
+    from converters.gguf import imatrix
+    from converters.gguf.presets import ROLES, linear_names, linear_types, row_lengths
+
+    assert imatrix.linear_names is linear_names and imatrix.row_lengths is row_lengths
+    names = linear_names(SMOLLM2)
+    assert len(names) == 30 * len(ROLES) and names["model.layers.3.mlp.down_proj"] == "blk.3.ffn_down.weight"
+    assert list(preset_bits("Q4_K_M", SMOLLM2)) == list(names)
+    lt = linear_types(SMOLLM2, qtype="Q4_K", prefix="m.blocks")
+    assert list(lt) == list(linear_names(SMOLLM2, "m.blocks"))
+    assert lt["m.blocks.0.mlp.down_proj"] == "Q4_K" and lt["m.blocks.0.self_attn.q_proj"] == "Q5_0"
+    rows = row_lengths({**SMOLLM2, "head_dim": 32})
+    assert rows == {"attn_q": 576, "attn_k": 576, "attn_v": 576, "attn_output": 288, "ffn_gate": 576, "ffn_up": 576,
+                    "ffn_down": 1536}
