@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import chunked
 from .exact import PackedTensor, weighted_error
 from .packers import QK, pack_q4_1, pack_q5_1
 
@@ -28,11 +29,20 @@ def fit_affine_blocks(x: np.ndarray, h: np.ndarray, levels: int, n_scales: int =
 
     A grid of scales around the min-max scale; for each, the weighted-optimal offset by alternating
     code rounding and the closed-form mean, then a joint least-squares polish on the best codes, and
-    the codes re-rounded on the fp16-rounded (d, m). Vectorised over all blocks.
+    the codes re-rounded on the fp16-rounded (d, m). Vectorised over the blocks of a chunk, chunks on threads.
     Returns (q uint8, d float16, m float16, ŵ float64).
     """
     x = np.asarray(x, np.float64)
-    h = np.broadcast_to(np.asarray(h, np.float64), x.shape)
+    shape, B = x.shape, x.shape[-1]
+    xf = x.reshape(-1, B)
+    hf = np.broadcast_to(np.asarray(h, np.float64), shape).reshape(-1, B)
+    parts = chunked.map_row_chunks(lambda r: _fit_affine_rows(xf[r], hf[r], levels, n_scales), xf.shape[0], B)
+    q, d, m, w_hat = (np.concatenate([p[i] for p in parts]) for i in range(4))
+    return q.reshape(shape), d.reshape(shape[:-1]), m.reshape(shape[:-1]), w_hat.reshape(shape)
+
+
+def _fit_affine_rows(x: np.ndarray, h: np.ndarray, levels: int, n_scales: int):
+    """fit_affine_blocks on blocks x (..., B) float64, h of x's shape."""
     lo, hi = x.min(-1), x.max(-1)
     s0 = (hi - lo) / (levels - 1)
     hs = np.where(h.sum(-1) > 0, h.sum(-1), 1.0)
@@ -42,7 +52,7 @@ def fit_affine_blocks(x: np.ndarray, h: np.ndarray, levels: int, n_scales: int =
         s = np.where(s0 > 0, s0 * t, 1.0)
         m = lo.copy()
         for _ in range(3):
-            q = np.clip(np.round((x - m[..., None]) / s[..., None]), 0, levels - 1)
+            q = _round_clamp((x - m[..., None]) / s[..., None], 0, levels - 1)
             m = (h * (x - s[..., None] * q)).sum(-1) / hs
         err = (h * (x - s[..., None] * q - m[..., None]) ** 2).sum(-1)
         better = err < best_err
@@ -91,6 +101,7 @@ K_TYPES = {
     "Q2_K": (16, 4, 2, 15, True),
     "Q3_K": (16, 8, 3, 31, False),  # signed scales -32..31, codes -4..3, no min
 }
+_FIT_SPECS = {**K_TYPES, "Q5_K": (32, 32, 5, 63, True)}  # fit_k_params also fits Q5_K (a preset's extra type)
 _F16_TINY = 6.2e-5  # keep super-scales in the normal fp16 range where possible
 
 
@@ -99,17 +110,24 @@ def _f16(x):
         return np.asarray(x, np.float64).astype(np.float16).astype(np.float64)
 
 
+def _round_clamp(v, lo, hi):
+    """clip(round(v), lo, hi) in place on the temporary v (np.clip's Python wrapper costs more than the work)."""
+    np.rint(v, out=v)
+    np.maximum(v, lo, out=v)
+    return np.minimum(v, hi, out=v)
+
+
 def _round_codes_affine(x, s, m, levels):
     """codes 0..levels-1 for x ≈ s*q + m (s, m per sub-block; s == 0 -> code 0)."""
     safe = np.where(s > 0, s, 1.0)
-    q = np.clip(np.round((x - m[..., None]) / safe[..., None]), 0, levels - 1)
+    q = _round_clamp((x - m[..., None]) / safe[..., None], 0, levels - 1)
     return np.where(s[..., None] > 0, q, 0.0)
 
 
 def _round_codes_sym(x, s):
     """codes -4..3 for x ≈ s*v (Q3_K)."""
     safe = np.where(s != 0, s, 1.0)
-    v = np.clip(np.round(x / safe[..., None]), -4, 3)
+    v = _round_clamp(x / safe[..., None], -4, 3)
     return np.where(s[..., None] != 0, v, 0.0)
 
 
@@ -218,11 +236,19 @@ def search_super_scales(x, hh, s_t, m_t, d0, dm0, levels: int, imax: int, with_m
 
 
 def fit_k_params(w: np.ndarray, h: np.ndarray, qtype: str, seed: tuple[np.ndarray, np.ndarray] | None = None):
-    """K-type block parameters for w (rows, n), n % 256 == 0, minimising Σ h (w - ŵ)².
+    """K-type (Q2_K..Q5_K) block parameters for w (rows, n), n % 256 == 0, minimising Σ h (w - ŵ)².
 
     Returns (params, q): params = (sc, mn, d16, dm16) for pack_k (sc/mn int64 (rows, n/B), d16/dm16 float16
     (rows, n/256)); q uint8 (rows, n) codes 0..levels-1 (Q3_K: the stored code, value + 4)."""
-    B, levels, _, imax, with_min = K_TYPES[qtype]
+    parts = chunked.map_row_chunks(lambda r: _fit_k_rows(w[r], h, qtype, None if seed is None else (seed[0][r], seed[1][r])),
+                           w.shape[0], w.shape[1])
+    params = tuple(np.concatenate([p[0][i] for p in parts]) for i in range(4))
+    return params, np.concatenate([p[1] for p in parts])
+
+
+def _fit_k_rows(w: np.ndarray, h: np.ndarray, qtype: str, seed):
+    """fit_k_params on a block of rows."""
+    B, levels, _, imax, with_min = _FIT_SPECS[qtype]
     rows, n = w.shape
     nsup = n // QK_K
     nsub = QK_K // B
@@ -233,7 +259,7 @@ def fit_k_params(w: np.ndarray, h: np.ndarray, qtype: str, seed: tuple[np.ndarra
         if seed is not None:
             s_t, m_t = (v.reshape(rows * nsup, nsub) for v in seed)
         else:
-            _, d16, m16, _ = fit_affine_blocks(x, hh, levels)
+            _, d16, m16, _ = _fit_affine_rows(x, hh, levels, 24)
             s_t, m_t = d16.astype(np.float64), m16.astype(np.float64)
         m_t = np.minimum(m_t, 0.0)  # the format's offset is -dmin*mn <= 0
     else:

@@ -216,11 +216,23 @@ EXTRA_TYPES = ("Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q5_0", "IQ4_NL")
 
 
 def _nearest(x, kv):
-    """Index of the nearest code-book value (kv sorted ascending); uniform integer books by rounding."""
+    """Index of the nearest code-book value (kv sorted ascending), ties to the lower one (searchsorted on the
+    midpoints); uniform integer books by rounding, integer books (IQ4_NL) by a table on floor(2x)."""
     if np.all(np.diff(kv) == 1):
         return np.clip(np.rint(x - kv[0]), 0, len(kv) - 1).astype(np.intp)
-    mids = ((kv[1:] + kv[:-1]) / 2).astype(x.dtype)
-    return np.searchsorted(mids, x)
+    mids = (kv[1:] + kv[:-1]) / 2
+    if not np.all(kv == np.rint(kv)):
+        return np.searchsorted(mids.astype(x.dtype), x)
+    # midpoints of integers are multiples of ½: with j = floor(2x), #(mids < x) = #(mids < j/2) + [x > j/2 ∈ mids]
+    # (exact: 2x and j/2 are exact in binary floating point; 10x faster than np.searchsorted on 15 midpoints)
+    lo, hi = int(2 * mids[0]) - 1, int(2 * mids[-1])
+    halves = np.arange(lo, hi + 1) / 2
+    below = np.searchsorted(mids, halves).astype(np.intp)
+    on_mid = np.isin(halves, mids)
+    with np.errstate(invalid="ignore"):
+        j = np.clip(np.nan_to_num(np.floor(2 * x), nan=hi), lo, hi)  # NaN last, as searchsorted puts it
+    t = j.astype(np.intp) - lo
+    return below[t] + (~(x <= j / 2) & on_mid[t])  # ~(<=): NaN counts as above every midpoint
 
 
 def fit_codebook_blocks(x: np.ndarray, h: np.ndarray, kv: np.ndarray, n_scales: int = 9):
@@ -228,10 +240,21 @@ def fit_codebook_blocks(x: np.ndarray, h: np.ndarray, kv: np.ndarray, n_scales: 
 
     Candidates: the block's largest-|x| value mapped onto either end of the code book, times a grid of
     factors; the codes of each are re-fit by weighted least squares for d (fp16-rounded) and re-rounded.
-    Returns (q uint8, d float16).
+    Returns (q uint8, d float16). Vectorised over the blocks of a chunk, chunks on threads.
     """
+    from . import chunked
+
     x = np.asarray(x, np.float32)
-    h = np.broadcast_to(np.asarray(h, np.float32), x.shape)
+    shape, B = x.shape, x.shape[-1]
+    xf = x.reshape(-1, B)
+    hf = np.broadcast_to(np.asarray(h, np.float32), shape).reshape(-1, B)
+    parts = chunked.map_row_chunks(lambda r: _fit_codebook_rows(xf[r], hf[r], kv, n_scales), xf.shape[0], B)
+    return (np.concatenate([p[0] for p in parts]).reshape(shape),
+            np.concatenate([p[1] for p in parts]).reshape(shape[:-1]))
+
+
+def _fit_codebook_rows(x: np.ndarray, h: np.ndarray, kv: np.ndarray, n_scales: int):
+    """fit_codebook_blocks on blocks x (..., B) float32, h of x's shape."""
     kvf = kv.astype(np.float32)
     imax = np.abs(x).argmax(-1)
     vmax = np.take_along_axis(x, imax[..., None], -1)[..., 0]
@@ -282,22 +305,11 @@ def pack_q5_k(q: np.ndarray, sc: np.ndarray, mn: np.ndarray, d: np.ndarray, dmin
 
 
 def fit_q5_k_params(w: np.ndarray, h: np.ndarray):
-    """Q5_K parameters for w (rows, n), n % 256 == 0, on Σ h (w - ŵ)² (same steps as kquants.fit_k_params).
+    """Q5_K parameters for w (rows, n), n % 256 == 0, on Σ h (w - ŵ)² (kquants.fit_k_params' steps).
     Returns ((sc, mn, d16, dm16), q uint8 0..31)."""
-    from .kquants import fit_affine_blocks, search_super_scales
+    from .kquants import fit_k_params
 
-    B, levels, imax = 32, 32, 63
-    rows, n = w.shape
-    nsup, nsub = n // QK_K, QK_K // B
-    x = np.asarray(w, np.float64).reshape(rows * nsup, nsub, B)
-    hh = np.broadcast_to(np.asarray(h, np.float64).reshape(1, nsup, nsub, B), (rows, nsup, nsub, B)).reshape(x.shape)
-    _, d16, m16, _ = fit_affine_blocks(x, hh, levels)
-    s_t, m_t = d16.astype(np.float64), np.minimum(m16.astype(np.float64), 0.0)
-    d0, dm0 = s_t.max(-1) / imax, (-m_t).max(-1) / imax
-    d, dm, sc, mn, q = search_super_scales(x, hh, s_t, m_t, d0, dm0, levels, imax, True)
-    params = (sc.reshape(rows, nsup * nsub).astype(np.int64), mn.reshape(rows, nsup * nsub).astype(np.int64),
-              d.astype(np.float16).reshape(rows, nsup), dm.astype(np.float16).reshape(rows, nsup))
-    return params, q.reshape(rows, n).astype(np.uint8)
+    return fit_k_params(w, h, "Q5_K")
 
 
 def fit_q5_k(w: np.ndarray, h: np.ndarray) -> np.ndarray:

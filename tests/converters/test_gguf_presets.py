@@ -262,3 +262,17 @@ def test_one_name_table_for_presets_and_imatrix():
     rows = row_lengths({**SMOLLM2, "head_dim": 32})
     assert rows == {"attn_q": 576, "attn_k": 576, "attn_v": 576, "attn_output": 288, "ffn_gate": 576, "ffn_up": 576,
                     "ffn_down": 1536}
+
+
+def test_nearest_integer_codebook_table_is_searchsorted():
+    """IQ4_NL's nearest code by the floor(2x) table equals searchsorted on the midpoints (ties to the lower
+    value) for random values, every midpoint and its float neighbours, the code values, ±inf and NaN."""
+    from converters.gguf.presets import KVALUES_IQ4NL, _nearest
+
+    rng = np.random.default_rng(0)
+    for dt in (np.float32, np.float64):
+        mids = ((KVALUES_IQ4NL[1:] + KVALUES_IQ4NL[:-1]) / 2).astype(dt)
+        x = np.concatenate([rng.uniform(-200, 200, 200_000).astype(dt), mids, np.nextafter(mids, dt(np.inf)),
+                            np.nextafter(mids, dt(-np.inf)), KVALUES_IQ4NL.astype(dt),
+                            np.array([np.inf, -np.inf, 0.0, -0.0, 1e30, -1e30, np.nan], dt)])
+        np.testing.assert_array_equal(_nearest(x, KVALUES_IQ4NL), np.searchsorted(mids, x))
