@@ -1,4 +1,4 @@
-"""Write a directory all-or-nothing: build it under a temporary name beside the target, then rename."""
+"""Write a file or directory all-or-nothing: build it under a temporary name beside the target, then rename."""
 from __future__ import annotations
 
 import os
@@ -8,6 +8,19 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import UserError
+
+
+@contextmanager
+def atomic_file(path):
+    """Yields a temp file name beside `path`; on success it replaces `path`, on any error it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @contextmanager

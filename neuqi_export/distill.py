@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .atomic import atomic_file
 from .errors import UserError
 from .master import MasterCheckpoint, QuantizedLinear
 from .partial import discard_stale, mark, partial_dir
@@ -238,10 +239,9 @@ def _window_order(n: int, steps: int, seed: int) -> list[int]:
 
 
 def _save_ckpt(path: Path, step: int, params: dict, opt, sched, losses: list) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save({"step": step, "params": {n: p.detach().cpu().clone() for n, p in params.items()},
-                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "losses": losses}, tmp)
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        torch.save({"step": step, "params": {n: p.detach().cpu().clone() for n, p in params.items()},
+                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "losses": losses}, tmp)
 
 
 def _use_grad_checkpointing(opts: DistillOptions, cfg: dict) -> bool:

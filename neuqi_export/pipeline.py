@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .arch import get_blocks, read_model_dir
+from .atomic import atomic_file
 from .errors import UserError
 from .gptq import gptq_quantize, weighted_error
 from .hessian import HessianAccumulator
@@ -164,9 +165,8 @@ def _save_block(path: Path, records: dict, losses: dict) -> None:
         tensors[f"{name}.scales"] = lin.scale
         tensors[f"{name}.zeros"] = lin.zero
         tensors[f"{name}.hdiag"] = lin.hdiag
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"losses": json.dumps(losses), "gguf_types": json.dumps(types)})
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"losses": json.dumps(losses), "gguf_types": json.dumps(types)})
 
 
 def _load_block(path: Path, names: list, opts: QuantizeOptions) -> tuple[dict, dict]:

@@ -11,13 +11,13 @@ F32 are unaffected. Pass extra_buffers=True to turn them back on where they work
 """
 from __future__ import annotations
 
-import os
 import threading
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
+from neuqi_export.atomic import atomic_file
 from neuqi_export.errors import UserError
 from runtimes.registry import Runtime, register
 
@@ -156,12 +156,7 @@ def llama_quantize(inp, out, ftype: str, nthread: int = 0) -> None:
     params = llama_cpp.llama_model_quantize_default_params()
     params.nthread = nthread
     params.ftype = getattr(llama_cpp, name)
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp")  # a failed or interrupted run leaves no file under the final name
-    try:
+    with atomic_file(out) as tmp:  # a failed or interrupted run leaves no file under the final name
         rc = llama_cpp.llama_model_quantize(str(inp).encode(), str(tmp).encode(), ctypes.byref(params))
         if rc != 0:
             raise UserError(f"llama.cpp's quantizer failed on {inp} (rc {rc}); check that it is a valid GGUF")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)

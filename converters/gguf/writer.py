@@ -1,7 +1,6 @@
 """Master checkpoint -> one GGUF file (written to a temp file beside the target, then renamed)."""
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -9,6 +8,7 @@ import gguf
 import numpy as np
 
 from converters.registry import ExportReport, TensorReport
+from neuqi_export.atomic import atomic_file
 from neuqi_export.errors import UserError
 from neuqi_export.master import GGUFLinear
 
@@ -292,9 +292,7 @@ def export_gguf(master, out, qtype: str = "Q4_1", embed_type: str = "auto", outp
     if head is not None:
         entries.append(("output.weight", _float_tensor(_np(head), out_t)))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.{os.getpid()}.tmp"
-    try:
+    with atomic_file(out) as tmp:
         w = gguf.GGUFWriter(str(tmp), arch)
         w.add_type("model")
         w.add_name(name or _model_name(master, out))
@@ -324,13 +322,6 @@ def export_gguf(master, out, qtype: str = "Q4_1", embed_type: str = "auto", outp
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        if out.exists():
-            out.unlink()
-        os.replace(tmp, out)
-    except BaseException:
-        if tmp.exists():
-            tmp.unlink()
-        raise
     report = ExportReport(path=out, bytes=out.stat().st_size)
     for tname, pt in entries:
         report.tensors.append(TensorReport(tname, pt.qtype, pt.exact, pt.added_error, f"rel {pt.rel_error:.3g}; {pt.note}"))
