@@ -33,12 +33,12 @@ def fit_affine_blocks(x: np.ndarray, h: np.ndarray, levels: int, n_scales: int =
     Returns (q uint8, d float16, m float16, ŵ float64).
     """
     x = np.asarray(x, np.float64)
-    shape, B = x.shape, x.shape[-1]
-    xf = x.reshape(-1, B)
-    hf = np.broadcast_to(np.asarray(h, np.float64), shape).reshape(-1, B)
-    parts = chunked.map_row_chunks(lambda r: _fit_affine_rows(xf[r], hf[r], levels, n_scales), xf.shape[0], B)
+    x2 = x.reshape(1, -1) if x.ndim == 1 else x
+    hb = np.broadcast_to(np.asarray(h, np.float64), x2.shape)  # a view: chunks slice it, nothing is copied
+    parts = chunked.map_row_chunks(lambda r: _fit_affine_rows(x2[r], hb[r], levels, n_scales), x2.shape[0],
+                                   x2[0].size)
     q, d, m, w_hat = (np.concatenate([p[i] for p in parts]) for i in range(4))
-    return q.reshape(shape), d.reshape(shape[:-1]), m.reshape(shape[:-1]), w_hat.reshape(shape)
+    return q.reshape(x.shape), d.reshape(x.shape[:-1]), m.reshape(x.shape[:-1]), w_hat.reshape(x.shape)
 
 
 def _fit_affine_rows(x: np.ndarray, h: np.ndarray, levels: int, n_scales: int):

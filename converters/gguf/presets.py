@@ -245,12 +245,12 @@ def fit_codebook_blocks(x: np.ndarray, h: np.ndarray, kv: np.ndarray, n_scales: 
     from . import chunked
 
     x = np.asarray(x, np.float32)
-    shape, B = x.shape, x.shape[-1]
-    xf = x.reshape(-1, B)
-    hf = np.broadcast_to(np.asarray(h, np.float32), shape).reshape(-1, B)
-    parts = chunked.map_row_chunks(lambda r: _fit_codebook_rows(xf[r], hf[r], kv, n_scales), xf.shape[0], B)
-    return (np.concatenate([p[0] for p in parts]).reshape(shape),
-            np.concatenate([p[1] for p in parts]).reshape(shape[:-1]))
+    x2 = x.reshape(1, -1) if x.ndim == 1 else x
+    hb = np.broadcast_to(np.asarray(h, np.float32), x2.shape)  # a view: chunks slice it, nothing is copied
+    parts = chunked.map_row_chunks(lambda r: _fit_codebook_rows(x2[r], hb[r], kv, n_scales), x2.shape[0],
+                                   x2[0].size)
+    return (np.concatenate([p[0] for p in parts]).reshape(x.shape),
+            np.concatenate([p[1] for p in parts]).reshape(x.shape[:-1]))
 
 
 def _fit_codebook_rows(x: np.ndarray, h: np.ndarray, kv: np.ndarray, n_scales: int):
