@@ -46,6 +46,10 @@ def test_stage_a_matches_brute_force(bits):
             xs.append(x[o].astype(np.float64))
             hs.append(h if h.sum() > 0 else np.ones_like(h))
         z, f = fast_cpu.stage_a(np.stack(xs), np.stack(hs), bits)
+        for start in (-3.0, 0.0, 2.0 ** bits):  # a warm start anywhere changes nothing
+            zs, fs = fast_cpu.stage_a(np.stack(xs), np.stack(hs), bits, z_start=start)
+            np.testing.assert_array_equal(zs, z)
+            np.testing.assert_array_equal(fs, f)
         for i, (x, h) in enumerate(cases):
             ref = brute_force(x, h, bits)
             atol = float((4 * EPS32 * (float(np.abs(x).max()) + L)) ** 2 * 1e-6)  # float64 work: far below float32 rounding
@@ -57,6 +61,82 @@ def test_stage_a_matches_brute_force(bits):
             hn = hs[i] / hs[i].sum()
             np.testing.assert_allclose(f[i], (hn * (e * e)[np.argsort(x, kind="stable")]).sum(), rtol=1e-9,
                                        atol=1e-14)
+
+
+def _surrogate_brute(x, h, L, off):
+    """float64 minimum of Σ h ψ(x + Z) (ψ: (u + off)² below -½, (½ - off)² between, (u - L + 1 - off)² above: continuous), by
+    evaluating every interval between the 2G events in closed form: an independent check of the walk."""
+    ev = np.unique(np.concatenate([-0.5 - x, (L - 0.5) - x]))
+    los = np.concatenate([[-np.inf], ev])
+    his = np.concatenate([ev, [np.inf]])
+
+    def g(z):
+        u = x + z
+        return float(np.sum(h * np.where(u < -0.5, (u + off) ** 2, np.where(u > L - 0.5, (u - L + 1 - off) ** 2, (0.5 - off) ** 2))))
+
+    best = np.inf
+    for lo, hi in zip(los, his):
+        mid = lo + 1.0 if not np.isfinite(hi) else (hi - 1.0 if not np.isfinite(lo) else 0.5 * (lo + hi))
+        u = x + mid
+        low, high = u < -0.5, u > L - 0.5
+        a = h[low].sum() + h[high].sum()
+        b = (h[low] * (x[low] + off)).sum() + (h[high] * (x[high] - (L - 1 + off))).sum()
+        for z in (lo, hi, -b / a if a > 0 else mid):
+            if np.isfinite(z):
+                best = min(best, g(min(max(z, lo), hi)))
+    return best, g
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_surrogate_walk_any_start_matches_brute_force(bits):
+    """The surrogate's walk from prefix sums (one per group, any scale) gives the same Z₁ from every start
+    (from -inf, just below Z₁, far below it, and above it, where it must fall back) and Z₁ minimises the
+    surrogate (and the clipping bound, off = ½) like an interval-by-interval float64 brute force."""
+    rng = np.random.default_rng(7 + bits)
+    L = float(1 << bits)
+    for kind in KINDS:
+        for _ in range(6):
+            x, h = _case(rng, kind, int(rng.integers(1, 140)), bits)
+            o = np.argsort(x, kind="stable")
+            x = x[o].astype(np.float64)
+            x = x - x[0]
+            h = h[o].astype(np.float64)
+            if h.sum() == 0:
+                h = np.ones_like(h)
+            s = float(rng.uniform(0.3, 3.0))
+            Ph = np.concatenate([[0.0], np.cumsum(h)])
+            Phx = np.concatenate([[0.0], np.cumsum(h * x)])  # prefix sums of h·xr with xr = x here
+            xs = x / s
+            for off in (0.0, 0.5):
+                z1 = fast_cpu._surrogate(xs, Ph, Phx, 1.0 / s, L, -np.inf, off)
+                for start in (z1 - 0.01, z1 - 1.5, z1 - 40.0, z1 + 0.3, z1 + 5.0):
+                    assert fast_cpu._surrogate(xs, Ph, Phx, 1.0 / s, L, start, off) == z1, (kind, off, start)
+                gmin, g = _surrogate_brute(xs, h, L, off)
+                assert g(z1) <= gmin * (1 + 1e-9) + 1e-12 * (1 + float(h.sum())), (kind, off, g(z1), gmin)
+
+
+def test_stage_a_threshold_only_skips_what_cannot_win():
+    """_stage_a's thr: f is exact whenever it is <= thr; when the minimum is above thr, so is what it returns."""
+    rng = np.random.default_rng(11)
+    for bits in (2, 3, 4):
+        L = float(1 << bits)
+        for kind in ("heavy", "skewed_h", "h_zeros", "offset"):
+            for _ in range(10):
+                x, h = _case(rng, kind, 128, bits)
+                o = np.argsort(x, kind="stable")
+                x = (x[o] - x[o][0]).astype(np.float64) / float(rng.uniform(0.5, 4.0))
+                h = h[o].astype(np.float64) + 1e-3
+                Ph = np.concatenate([[0.0], np.cumsum(h)])
+                Phx = np.concatenate([[0.0], np.cumsum(h * x)])
+                wsf, wsi = np.empty(6 * 128 + 700), np.empty(2 * 128 + 80, np.int64)
+                args = (x, h, Ph[-1], L, wsf, wsi, Ph, Phx, 1.0, -np.inf)
+                z, f, _ = fast_cpu._stage_a(*args, np.inf)
+                for thr in (f * 0.5, f * (1 - 1e-6), f, f * 1.01, f * 3):
+                    zt, ft, _ = fast_cpu._stage_a(*args, thr)
+                    if f <= thr:
+                        assert ft == f and zt == z
+                    else:
+                        assert ft > thr
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

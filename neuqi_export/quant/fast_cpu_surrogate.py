@@ -1,0 +1,98 @@
+"""The surrogate's walk of the numba Stage A (fast_cpu.py), and the clipping lower bound that shares it.
+
+Written here because no library solves this piecewise-quadratic problem: NEUQI.md's Stage A step 1. For x
+sorted once per group, the low-clip set {x_j + Z < −½} is a prefix of x and the high-clip set
+{x_j + Z > L − ½} a suffix, so with prefix sums of h and h·(w − min) (scale-free: computed once per group)
+the surrogate's derivative on any interval between events costs O(1), and the walk may start anywhere below
+Z₁ (the previous scale's Z₁, moved with the scale) instead of at −∞.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+try:  # optional dependency (fast_cpu.py imports this module only when numba is there)
+    from numba import njit
+    HAVE_NUMBA = True
+except Exception:  # pragma: no cover - exercised when numba is absent
+    HAVE_NUMBA = False
+
+if HAVE_NUMBA:
+
+    @njit(cache=True, nogil=True)
+    def _bisect_left(x, t):
+        """First index i of ascending x with x[i] >= t (len(x) if none)."""
+        lo = 0
+        hi = x.shape[0]
+        while lo < hi:
+            m = (lo + hi) >> 1
+            if x[m] < t:
+                lo = m + 1
+            else:
+                hi = m
+        return lo
+
+    @njit(cache=True, nogil=True)
+    def _surrogate(x, Ph, Phx, inv_s, L, zg, off):
+        """Minimiser Z₁ of Σ h ψ(x + Z) for x (G,) ascending, with ψ(u) = (u + off)² below −½, constant on
+        [−½, L − ½], (u − L + 1 − off)² above (off = 0: NeUQI's surrogate; off = ½: the clipping distance of
+        `_clip_lower_bound`). Ph, Phx: prefix sums of h and of h·x·s (x·s = w − min does not depend on the
+        scale, so they are computed once per group; inv_s = 1/s). Between consecutive events −½ − x_j and
+        L − ½ − x_j the derivative is a·Z + b, non-decreasing; the low set is a prefix of x and the high set a
+        suffix, so (a, b) come from the prefix sums in O(1) for any position of the walk. The walk over the
+        events in ascending order stops at the first one where the derivative is >= 0 and minimises there
+        (clamped to the interval; a flat interval gives its left end). It starts at zg (a warm start: the
+        previous scale's Z₁, shifted) when the right derivative there is < 0, else at zg − 2, else at −∞;
+        the result is a function of the interval where it stops (its (a, b) and ends are summed from the
+        same indices), so it does not depend on the start."""
+        G = x.shape[0]
+        T0 = Ph[G]
+        Lhi = L - 1.0 + off
+        i1 = G - 1  # low = x[0..i1], high = x[i2+1..]: elements i1+1.. have left the low clip
+        i2 = G - 1
+        for attempt in range(2):
+            z = zg - 2.0 * attempt
+            if not z > -np.inf:
+                break
+            k1 = _bisect_left(x, -0.5 - z) - 1
+            k2 = _bisect_left(x, (L - 0.5) - z) - 1
+            nh = T0 - Ph[k2 + 1]
+            if (Ph[k1 + 1] + nh) * z + ((Phx[k1 + 1] + (Phx[G] - Phx[k2 + 1])) * inv_s + off * Ph[k1 + 1]
+                                         - Lhi * nh) < 0.0:
+                i1 = k1
+                i2 = k2
+                break
+        while True:
+            nh = T0 - Ph[i2 + 1]
+            a = Ph[i1 + 1] + nh
+            b = (Phx[i1 + 1] + (Phx[G] - Phx[i2 + 1])) * inv_s + off * Ph[i1 + 1] - Lhi * nh
+            e2 = (L - 0.5) - x[i2] if i2 >= 0 else np.inf
+            e1 = -0.5 - x[i1] if i1 >= 0 else np.inf
+            is2 = e2 <= e1  # ties: the high-clip event first
+            e = e2 if is2 else e1
+            if e == np.inf or a * e + b >= 0.0:
+                # the interval's left end: the last event passed
+                prev = -0.5 - x[i1 + 1] if i1 + 1 < G else -np.inf
+                if i2 + 1 < G:
+                    prev = max(prev, (L - 0.5) - x[i2 + 1])
+                if a > 0.0:
+                    return min(max(-b / a, prev), e)
+                return prev
+            if is2:
+                i2 -= 1
+            else:
+                i1 -= 1
+
+    @njit(cache=True, nogil=True)
+    def _clip_lower_bound(x, h, L, Ph, Phx, inv_s, zg):
+        """(min over Z of Σ h φ(x + Z), its argmin) with φ(u) = (u + ½)² below −½, 0 on [−½, L − ½],
+        (u − L + ½)² above: a convex lower bound of f (an element below −½ is at least |u + ½| from code 0,
+        above L − ½ at least that far from L − 1). Its events are the surrogate's: the same walk."""
+        z1 = _surrogate(x, Ph, Phx, inv_s, L, zg, 0.5)
+        f = 0.0
+        for j in range(x.shape[0]):
+            u = x[j] + z1
+            if u < -0.5:
+                f += h[j] * (u + 0.5) * (u + 0.5)
+            elif u > L - 0.5:
+                f += h[j] * (u - (L - 0.5)) * (u - (L - 0.5))
+        return f, z1
