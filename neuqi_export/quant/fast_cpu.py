@@ -15,15 +15,17 @@ and the weight is on the CPU (`init_params(..., impl="auto")`, the default); oth
   scale's Z₁ (moved with the scale) instead of −∞, a few events instead of ~G; the start changes no result.
 - Stage A, exact window `[Z₁ - 1, Z₁ + 1]` (δ = Z − Z₁ + 1 ∈ [0, 2]): every element with a code change in
   the window crosses first at `d_j ∈ (0, 1]` and again at `d_j + 1`; `f(δ) = f(0) + T0 δ² + 2∫A1` with the
-  running sum `A1` dropping by `h_j` at each event. The window is cut into 64 bins: f at every bin edge
-  needs only the per-bin sums Σh, Σh·e of its events (no sort), and `A1 >= A1(bin end)` inside a bin gives a
-  lower bound of f there; only the bins whose bound beats the best value already found (bin edges included)
-  are swept exactly, their few events insertion-sorted. f is accumulated by exact per-interval increments in
-  float64; when the minimum is within ~1e-7 of that accumulation's rounding scale (near-lattice groups) it is
-  re-evaluated element by element.
+  running sum `A1` dropping by `h_j` at each event. One pass without reductions or scatters (vectorised by
+  the compiler) gives every element's residual, d_j and bin; f(0), A1(0) are then four interleaved partial
+  sums and each of the 64 bins gets Σh, Σh·e of its events (no sort). f at every bin edge follows, and the
+  same sums bound f from below inside a bin (each event's share of ∫A1 lies below its chord over the bin);
+  only the bins whose bound beats the best value already found (bin edges included) are swept exactly,
+  their few events insertion-sorted. f is accumulated by exact per-interval increments in float64; when the
+  minimum is within ~1e-7 of that accumulation's rounding scale (near-lattice groups) it is re-evaluated
+  element by element.
 - Stage B: s = s₀·i/C (i = C down to 1; ties resolved towards the smaller i as the torch path's ascending
   strict `<` does), then s_c + s₀·j/D (j = −F..F, j ≠ 0, s > 0); every candidate scale is rounded to float32
-  first (the stored precision), so the loss compared is the loss of the stored scale. Coarse scales past the
+  first (the stored precision), so the loss compared is the loss of the stored scale; x = (w − min)·(1/s). Coarse scales past the
   optimum (losses rising again) are first checked against a convex lower bound of their loss (the clipping
   distances beyond ±½ of the code range, minimised over Z by the same walk as the surrogate); a scale whose
   bound is strictly above the best loss found is skipped: it cannot be the argmin. Likewise a window bin whose
@@ -58,121 +60,121 @@ if HAVE_NUMBA:
         """x (G,) ascending float64, h (G,) >= 0 aligned, T0 = Σ h > 0; Ph, Phx, inv_s, zg as `_surrogate`.
         Returns (Z*, f(Z*), Z₁) with f = Σ h e² (not divided by T0) and Z₁ the surrogate's minimiser. thr: window
         bins whose lower bound exceeds it are not swept, so when min f > thr the f returned is only known to
-        be > thr (exact whenever it is <= thr). ws_f (6G + 700,) float64 and ws_i (2G + 80,) int64: scratch."""
+        be > thr (exact whenever it is <= thr). ws_f (4G + 400,) float64 and ws_i (G,) int64: scratch."""
         G = x.shape[0]
         nbu = 32
         invT0 = 1.0 / T0
         keys = ws_f[0:G]
-        dA = ws_f[G:2 * G]
-        dB = ws_f[2 * G:3 * G]
-        ek = ws_f[3 * G:4 * G + 1]
-        eh = ws_f[4 * G + 1:5 * G + 2]
-        o = 5 * G + 2
-        Hb = ws_f[o:o + 2 * nbu]
-        HEb = ws_f[o + 2 * nbu:o + 4 * nbu]
-        fb = ws_f[o + 4 * nbu:o + 6 * nbu]
-        Ab = ws_f[o + 6 * nbu:o + 8 * nbu]
-        lb = ws_f[o + 8 * nbu:o + 10 * nbu]
+        rr = ws_f[G:2 * G]
+        ek = ws_f[2 * G:3 * G + 1]
+        eh = ws_f[3 * G + 1:4 * G + 2]
+        o = 4 * G + 2
+        Hb = ws_f[o:o + 3 * nbu + 1]
+        HEb = ws_f[o + 3 * nbu + 1:o + 6 * nbu + 2]
+        fb = ws_f[o + 6 * nbu + 2:o + 8 * nbu + 3]
+        Ab = ws_f[o + 8 * nbu + 3:o + 10 * nbu + 3]
+        lb = ws_f[o + 10 * nbu + 3:o + 12 * nbu + 3]
         bins = ws_i[0:G]
-        order = ws_i[G:2 * G]
-        start = ws_i[2 * G:2 * G + nbu + 1]
         Lm1 = L - 1.0
-        z1 = _surrogate(x, Ph, Phx, inv_s, L, zg, 0.0)
+        z1, _, _ = _surrogate(x, Ph, Phx, inv_s, L, zg, 0.0)
         # ---------------- exact minimum on [z1 - 1, z1 + 1] ----------------
         # δ = Z - lo ∈ [0, 2]; f(δ) = f(0) + T0 δ² + 2 ∫_0^δ A1, A1 non-increasing (drops by h_j at each event).
         # The window is cut into NB bins; f at every bin edge needs only per-bin sums Σh, Σh·e of the events
-        # (∫ A1 over a bin = A1_start·width − Σ_e h (r − e)), no sort. Within a bin, A1 >= A1_end gives a lower
-        # bound of f; only bins whose bound beats the best value found so far are swept exactly (their few
-        # events insertion-sorted).
+        # (∫ A1 over a bin = A1_start·width − Σ_e h (r − e)), no sort. Those sums also bound f from below inside
+        # a bin; only bins whose bound beats the best value found so far are swept exactly (their few events
+        # insertion-sorted).
         lo = z1 - 1.0
         NB = nbu * 2
         width = 1.0 / nbu
-        A1 = 0.0
-        f0 = 0.0
-        for c in range(NB):
-            Hb[c] = 0.0
-            HEb[c] = 0.0
-        for c in range(nbu + 1):
-            start[c] = 0
+        # one pass free of reductions and scatters (the compiler vectorises it): residual r0 at the window's
+        # start, offset d of the first crossing and the slot of every element: its bin among [0, nbu) (both
+        # crossings change the clamped code), [nbu, 2 nbu) (only the first: k1 = L − 2), [2 nbu, 3 nbu) (only
+        # the second: k1 = −1), or 3 nbu (neither: outside the window's codes)
         for j in range(G):
             v = x[j] + lo
             k1 = np.floor(v + 0.5)
-            q0 = k1
-            if q0 < 0.0:
-                q0 = 0.0
-            elif q0 > Lm1:
-                q0 = Lm1
-            r0 = v - q0
-            hj = h[j]
-            A1 += hj * r0
-            f0 += hj * r0 * r0
-            bins[j] = -1
-            if k1 >= -1.0 and k1 <= L - 2.0 and hj != 0.0:
-                d = (k1 + 0.5) - v
-                if d < 0.0:
-                    d = 0.0
-                elif d > 1.0:
-                    d = 1.0
-                keys[j] = d
-                bk = int(d * nbu)
-                if bk >= nbu:
-                    bk = nbu - 1
-                bins[j] = bk
-                start[bk + 1] += 1
-                if k1 >= 0.0:  # first crossing changes the clamped code (k1 <= L-2 here)
-                    Hb[bk] += hj
-                    HEb[bk] += hj * d
-                    dA[j] = hj
-                else:
-                    dA[j] = 0.0
-                if k1 <= L - 3.0:  # second crossing (at d + 1) changes it too
-                    Hb[nbu + bk] += hj
-                    HEb[nbu + bk] += hj * (d + 1.0)
-                    dB[j] = hj
-                else:
-                    dB[j] = 0.0
-        for c in range(nbu):
-            start[c + 1] += start[c]
+            rr[j] = v - min(max(k1, 0.0), Lm1)
+            d = min(max((k1 + 0.5) - v, 0.0), 1.0)
+            keys[j] = d
+            b = min(int(d * nbu), nbu - 1)
+            bins[j] = (b + 2 * nbu if k1 == -1.0 else (b + nbu if k1 == L - 2.0 else (
+                3 * nbu if (k1 < -1.0 or k1 > L - 2.0) else b)))
+        a0 = 0.0
+        a1 = 0.0
+        a2 = 0.0
+        a3 = 0.0
+        g0 = 0.0
+        g1 = 0.0
+        g2 = 0.0
+        g3 = 0.0
+        G4 = G & ~3
+        for j in range(0, G4, 4):  # four partial sums: A1 = Σ h r0, f0 = Σ h r0²
+            t0 = h[j] * rr[j]
+            t1 = h[j + 1] * rr[j + 1]
+            t2 = h[j + 2] * rr[j + 2]
+            t3 = h[j + 3] * rr[j + 3]
+            a0 += t0
+            a1 += t1
+            a2 += t2
+            a3 += t3
+            g0 += t0 * rr[j]
+            g1 += t1 * rr[j + 1]
+            g2 += t2 * rr[j + 2]
+            g3 += t3 * rr[j + 3]
+        for j in range(G4, G):
+            t0 = h[j] * rr[j]
+            a0 += t0
+            g0 += t0 * rr[j]
+        A1 = (a0 + a1) + (a2 + a3)
+        f0 = (g0 + g1) + (g2 + g3)
+        for c in range(3 * nbu + 1):
+            Hb[c] = 0.0
+            HEb[c] = 0.0
         for j in range(G):
-            bk = bins[j]
-            if bk >= 0:
-                order[start[bk]] = j
-                start[bk] += 1
-        for c in range(nbu, 0, -1):  # start[c] now holds the end of bin c: shift back to starts
-            start[c] = start[c - 1]
-        start[0] = 0
-        best_v = f0
-        best_d = 0.0
+            c = bins[j]
+            Hb[c] += h[j]
+            HEb[c] += h[j] * keys[j]
+        for c in range(nbu):  # phase A (first crossings at d), phase B (second crossings at d + 1)
+            hb = Hb[c]
+            heb = HEb[c]
+            Hb[c] = hb + Hb[nbu + c]
+            HEb[c] = heb + HEb[nbu + c]
+            Hb[nbu + c] = hb + Hb[2 * nbu + c]
+            HEb[nbu + c] = (heb + HEb[2 * nbu + c]) + Hb[nbu + c]
+        # f and A1 at every bin's start (two running sums), then each bin's lower bound (A1 >= its end value
+        # inside the bin) and the best bin edge, in passes without branches
         fl = f0
         A = A1
         for c in range(NB):
-            l = c * width
-            r = (c + 1) * width
             fb[c] = fl
             Ab[c] = A
-            Aend = A - Hb[c]
-            dd = -Aend * invT0
-            if dd < l:
-                dd = l
-            elif dd > r:
-                dd = r
-            lb[c] = fl + (dd - l) * (T0 * (dd + l) + 2.0 * Aend)
-            fl = fl + (r - l) * (T0 * (r + l) + 2.0 * A) - 2.0 * (r * Hb[c] - HEb[c])
-            A = Aend
-            if fl < best_v:
-                best_v = fl
-                best_d = r
+            r = (c + 1) * width
+            fl = fl + width * (T0 * (2 * c + 1) * width + 2.0 * A) - 2.0 * (r * Hb[c] - HEb[c])
+            A = A - Hb[c]
+        fb[NB] = fl
+        for c in range(NB):
+            l = c * width
+            # inside the bin, Σ_k h_k (δ − e_k)₊ <= (δ − l)·Σ_k h_k (r − e_k)/(r − l) (each term lies below its
+            # chord over [l, r]), so A1 >= A1(l) − (Σh·r − Σh·e)/(r − l) in the integral: a lower bound of f
+            Aeff = Ab[c] - (Hb[c] * (l + width) - HEb[c]) * nbu
+            dd = min(max(-Aeff * invT0, l), l + width)
+            lb[c] = fb[c] + (dd - l) * (T0 * (dd + l) + 2.0 * Aeff)
+        best_v = f0
+        best_d = 0.0
+        for c in range(1, NB + 1):
+            if fb[c] < best_v:
+                best_v = fb[c]
+                best_d = c * width
         # sweep the bins whose lower bound beats the best value found so far
         for c in range(NB):
             if not (lb[c] < best_v and lb[c] <= thr):
                 continue
             ph = 0 if c < nbu else 1
             bk = c - ph * nbu
+            alt = bk + nbu if ph == 0 else bk + 2 * nbu
             m = 0
-            for p in range(start[bk], start[bk + 1]):
-                j = order[p]
-                w = dA[j] if ph == 0 else dB[j]
-                if w != 0.0:
+            for j in range(G):
+                if (bins[j] == bk or bins[j] == alt) and h[j] != 0.0:
                     e = keys[j] + ph
                     q = m - 1
                     while q >= 0 and ek[q] > e:
@@ -180,7 +182,7 @@ if HAVE_NUMBA:
                         eh[q + 1] = eh[q]
                         q -= 1
                     ek[q + 1] = e
-                    eh[q + 1] = w
+                    eh[q + 1] = h[j]
                     m += 1
             l = c * width
             fl = fb[c]
@@ -219,11 +221,11 @@ if HAVE_NUMBA:
 
     @njit(cache=True, nogil=True)
     def _search_group(xr, h, s0, L, C, F, D, xs, wsf, wsi, prune):
-        """One group: xr (G,) = sorted w - min (float64, >= 0), h normalised; scratch xs (G,), wsf (8G + 702,),
-        wsi (2G + 80,). Returns (s, zr, loss) with zr the zero-point relative to min (Z = zr - min/s)."""
+        """One group: xr (G,) = sorted w - min (float64, >= 0), h normalised; scratch xs (G,), wsf (6G + 402,),
+        wsi (G,). Returns (s, zr, loss) with zr the zero-point relative to min (Z = zr - min/s)."""
         G = xr.shape[0]
-        Ph = wsf[6 * G + 700:7 * G + 701]  # scale-free prefix sums of h and h·xr (after _stage_a's scratch)
-        Phx = wsf[7 * G + 701:8 * G + 702]
+        Ph = wsf[4 * G + 400:5 * G + 401]  # scale-free prefix sums of h and h·xr (after _stage_a's scratch)
+        Phx = wsf[5 * G + 401:6 * G + 402]
         Ph[0] = 0.0
         Phx[0] = 0.0
         for j in range(G):
@@ -245,7 +247,7 @@ if HAVE_NUMBA:
             s = np.float64(np.float32(np.float32(s0) * np.float32(i / C)))
             inv_s = 1.0 / s
             for j in range(G):
-                xs[j] = xr[j] / s
+                xs[j] = xr[j] * inv_s
             # the bound is tried only once the losses rise again (past the optimum), where it usually prunes
             if prune and rising:
                 fb, zb = _clip_lower_bound(xs, h, L, Ph, Phx, inv_s, _shifted(zb, sb, s, L))
@@ -271,10 +273,11 @@ if HAVE_NUMBA:
             s = np.float64(np.float32(np.float32(s_c) + np.float32(s0) * np.float32(jf / D)))
             if not s > 0.0:
                 continue
+            inv_s = 1.0 / s
             for j in range(G):
-                xs[j] = xr[j] / s
+                xs[j] = xr[j] * inv_s
             thr = best * (1.0 + 1e-9) / (s * s) if prune else np.inf
-            z, f, _ = _stage_a(xs, h, T0, L, wsf, wsi, Ph, Phx, 1.0 / s, _shifted(z_c, s_c, s, L) - 1.0, thr)
+            z, f, _ = _stage_a(xs, h, T0, L, wsf, wsi, Ph, Phx, inv_s, _shifted(z_c, s_c, s, L) - 1.0, thr)
             loss = s * s * f
             if loss < best:
                 best = loss
@@ -296,8 +299,8 @@ if HAVE_NUMBA:
         xr = np.empty(G, np.float64)
         h = np.empty(G, np.float64)
         xs = np.empty(G, np.float64)
-        wsf = np.empty(8 * G + 702, np.float64)
-        wsi = np.empty(2 * G + 80, np.int64)
+        wsf = np.empty(6 * G + 402, np.float64)
+        wsi = np.empty(G, np.int64)
         for g in range(N):
             wmin = np.float64(ws[g, 0])
             for j in range(G):
@@ -313,8 +316,8 @@ if HAVE_NUMBA:
         for g in range(N):
             x = np.empty(G, np.float64)
             h = np.empty(G, np.float64)
-            wsf = np.empty(6 * G + 700, np.float64)
-            wsi = np.empty(2 * G + 80, np.int64)
+            wsf = np.empty(4 * G + 400, np.float64)
+            wsi = np.empty(G, np.int64)
             Ph = np.zeros(G + 1, np.float64)
             Phx = np.zeros(G + 1, np.float64)
             for j in range(G):

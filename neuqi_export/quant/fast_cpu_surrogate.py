@@ -33,7 +33,8 @@ if HAVE_NUMBA:
 
     @njit(cache=True, nogil=True)
     def _surrogate(x, Ph, Phx, inv_s, L, zg, off):
-        """Minimiser Z₁ of Σ h ψ(x + Z) for x (G,) ascending, with ψ(u) = (u + off)² below −½, constant on
+        """(Z₁, i1, i2): the minimiser Z₁ of Σ h ψ(x + Z) for x (G,) ascending, and the clipped elements there
+        (x[..i1] below, x[i2+1..] above), with ψ(u) = (u + off)² below −½, constant on
         [−½, L − ½], (u − L + 1 − off)² above (off = 0: NeUQI's surrogate; off = ½: the clipping distance of
         `_clip_lower_bound`). Ph, Phx: prefix sums of h and of h·x·s (x·s = w − min does not depend on the
         scale, so they are computed once per group; inv_s = 1/s). Between consecutive events −½ − x_j and
@@ -75,8 +76,8 @@ if HAVE_NUMBA:
                 if i2 + 1 < G:
                     prev = max(prev, (L - 0.5) - x[i2 + 1])
                 if a > 0.0:
-                    return min(max(-b / a, prev), e)
-                return prev
+                    return min(max(-b / a, prev), e), i1, i2
+                return prev, i1, i2
             if is2:
                 i2 -= 1
             else:
@@ -87,12 +88,12 @@ if HAVE_NUMBA:
         """(min over Z of Σ h φ(x + Z), its argmin) with φ(u) = (u + ½)² below −½, 0 on [−½, L − ½],
         (u − L + ½)² above: a convex lower bound of f (an element below −½ is at least |u + ½| from code 0,
         above L − ½ at least that far from L − 1). Its events are the surrogate's: the same walk."""
-        z1 = _surrogate(x, Ph, Phx, inv_s, L, zg, 0.5)
-        f = 0.0
-        for j in range(x.shape[0]):
-            u = x[j] + z1
-            if u < -0.5:
-                f += h[j] * (u + 0.5) * (u + 0.5)
-            elif u > L - 0.5:
-                f += h[j] * (u - (L - 0.5)) * (u - (L - 0.5))
+        z1, i1, i2 = _surrogate(x, Ph, Phx, inv_s, L, zg, 0.5)
+        f = 0.0  # only the clipped elements contribute: the prefix x[..i1] below, the suffix x[i2+1..] above
+        for j in range(i1 + 1):
+            u = x[j] + (z1 + 0.5)
+            f += h[j] * u * u
+        for j in range(i2 + 1, x.shape[0]):
+            u = x[j] + (z1 - (L - 0.5))
+            f += h[j] * u * u
         return f, z1
