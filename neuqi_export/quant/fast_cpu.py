@@ -141,8 +141,7 @@ if HAVE_NUMBA:
             HEb[c] = heb + HEb[nbu + c]
             Hb[nbu + c] = hb + Hb[2 * nbu + c]
             HEb[nbu + c] = (heb + HEb[2 * nbu + c]) + Hb[nbu + c]
-        # f and A1 at every bin's start (two running sums), then each bin's lower bound (A1 >= its end value
-        # inside the bin) and the best bin edge, in passes without branches
+        # f and A1 at every bin's start (two running sums), then each bin's lower bound and the best bin edge
         fl = f0
         A = A1
         for c in range(NB):

@@ -21,11 +21,11 @@ Methods (all minimise, or are judged by, the diag-H loss Σ_j h_j (w_j − ŵ_j)
 Everything is vectorised over all (row, group) pairs of a layer (chunked to bound memory; a Python loop
 runs only over the scale candidates), float32 on the device of `weight`. ``neuqi``/``mse``/``neuqi_int``
 also have compiled kernels with the same grids, method and tie rules, chosen by ``impl="auto"`` (the
-default): on the CPU the numba kernels of `fast_cpu.py` (neuqi/mse; float64 inside, ~8-11x this path's CPU
-throughput) and `fast_cpu_int.py` (neuqi_int) when the optional package numba is installed; on CUDA the
-Triton kernels of `fast_triton.py` / `fast_triton_int.py` when triton is installed (groups of up to 256
-weights; longer per-channel rows stay on the torch path; a kernel that fails to compile falls back to the
-torch path with one warning). ``impl="reference"`` forces this torch path, which is also the fallback
+default): on the CPU the numba kernels of `fast_cpu.py` (neuqi/mse; float64 inside, ~20-40x this path's
+throughput per CPU-second, docs/BENCH_INIT_CPU.md) and `fast_cpu_int.py` (neuqi_int) when the optional
+package numba is installed; on CUDA the Triton kernels of `fast_triton.py` / `fast_triton_int.py` when
+triton is installed (groups of up to 256 weights; longer per-channel rows stay on the torch path; a kernel
+that fails to compile falls back to the torch path with one warning). ``impl="reference"`` forces this torch path, which is also the fallback
 without them; ``impl="triton"`` on a CPU tensor runs the Triton kernel in Triton's interpreter
 (TRITON_INTERPRET=1, for tests). Full groups and the shorter last
 group (in_features not a multiple of the group size) are two batches. A constant group (max = min, or a
