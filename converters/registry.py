@@ -92,9 +92,8 @@ def write_safetensors_dir(out, tensors: dict, config: dict, tokenizer_dir, metad
     import json
     import shutil
 
-    from safetensors.torch import save_file
-
     from neuqi_export.atomic import atomic_directory
+    from neuqi_export.safetensors_io import save_file
     from neuqi_export.master import TOKENIZER_FILES
 
     out = Path(out)

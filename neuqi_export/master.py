@@ -18,12 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .atomic import atomic_directory
 from .bitpack import pack_bits, unpack_bits
 from .errors import UserError
 from .quant.grid import dequantize, n_groups
+from .safetensors_io import save_file
 
 QUANT_METHOD = "neuqi"
 WEIGHTS_NAME = "model.safetensors"

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from .arch import get_blocks, read_model_dir
@@ -27,6 +27,7 @@ from .master import GGUFLinear, MasterCheckpoint, QuantizedLinear
 from .partial import discard_stale, mark, partial_dir
 from .quant.grid import dequantize, quantize_codes
 from .quant.params import init_params
+from .safetensors_io import save_file
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 INIT_METHODS = ("minmax", "mse", "neuqi_int", "neuqi")

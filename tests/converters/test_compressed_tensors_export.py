@@ -72,6 +72,9 @@ def test_integer_zero_master_exact(fx, tmp_path, arch, bits, gs):
     master = _integer_zero(fx.build_master(fx.build_model(arch, 300, seed=5), bits, gs))
     report = export_compressed_tensors(master, tmp_path / "ct")
     assert all(t.exact and t.added_error == 0.0 for t in report.tensors)
+    for i in range(8):  # the same master exports to the same bytes (safetensors_io: the metadata's order)
+        export_compressed_tensors(master, tmp_path / f"ct{i}")
+        assert (tmp_path / f"ct{i}" / "model.safetensors").read_bytes() == (tmp_path / "ct" / "model.safetensors").read_bytes()
     cfg = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
     assert cfg["quant_method"] == "compressed-tensors" and cfg["format"] == "pack-quantized"
     ids = np.random.default_rng(2).integers(0, 300, (2, 10))
