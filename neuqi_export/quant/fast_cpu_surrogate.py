@@ -19,8 +19,9 @@ except Exception:  # pragma: no cover - exercised when numba is absent
 if HAVE_NUMBA:
 
     @njit(cache=True, nogil=True)
-    def _bisect_left(x, t):
-        """First index i of ascending x with x[i] >= t (len(x) if none)."""
+    def _count_below(x, t):
+        """Number of entries of the ascending x that are < t (the first index with x[i] >= t). A plain bisection
+        rather than np.searchsorted: measured faster inside these kernels (fast_cpu_int.py)."""
         lo = 0
         hi = x.shape[0]
         while lo < hi:
@@ -54,8 +55,8 @@ if HAVE_NUMBA:
             z = zg - 2.0 * attempt
             if not z > -np.inf:
                 break
-            k1 = _bisect_left(x, -0.5 - z) - 1
-            k2 = _bisect_left(x, (L - 0.5) - z) - 1
+            k1 = _count_below(x, -0.5 - z) - 1
+            k2 = _count_below(x, (L - 0.5) - z) - 1
             nh = T0 - Ph[k2 + 1]
             if (Ph[k1 + 1] + nh) * z + ((Phx[k1 + 1] + (Phx[G] - Phx[k2 + 1])) * inv_s + off * Ph[k1 + 1]
                                          - Lhi * nh) < 0.0:
