@@ -93,8 +93,8 @@ def write_safetensors_dir(out, tensors: dict, config: dict, tokenizer_dir, metad
     import shutil
 
     from neuqi_export.atomic import atomic_directory
-    from neuqi_export.safetensors_io import save_file
     from neuqi_export.master import TOKENIZER_FILES
+    from neuqi_export.safetensors_io import save_file
 
     out = Path(out)
     with atomic_directory(out, overwrite=True) as tmp:

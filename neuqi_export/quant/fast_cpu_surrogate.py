@@ -33,6 +33,13 @@ if HAVE_NUMBA:
         return lo
 
     @njit(cache=True, nogil=True)
+    def _slope(Ph, Phx, i1, i2, inv_s, off, Lhi):
+        """(a, b): the surrogate's derivative a·Z + b (halved) while x[..i1] is clipped low and x[i2+1..] high."""
+        G = Ph.shape[0] - 1
+        nh = Ph[G] - Ph[i2 + 1]
+        return Ph[i1 + 1] + nh, (Phx[i1 + 1] + (Phx[G] - Phx[i2 + 1])) * inv_s + off * Ph[i1 + 1] - Lhi * nh
+
+    @njit(cache=True, nogil=True)
     def _surrogate(x, Ph, Phx, inv_s, L, zg, off):
         """(Z₁, i1, i2): the minimiser Z₁ of Σ h ψ(x + Z) for x (G,) ascending, and the clipped elements there
         (x[..i1] below, x[i2+1..] above), with ψ(u) = (u + off)² below −½, constant on
@@ -47,7 +54,6 @@ if HAVE_NUMBA:
         the result is a function of the interval where it stops (its (a, b) and ends are summed from the
         same indices), so it does not depend on the start."""
         G = x.shape[0]
-        T0 = Ph[G]
         Lhi = L - 1.0 + off
         i1 = G - 1  # low = x[0..i1], high = x[i2+1..]: elements i1+1.. have left the low clip
         i2 = G - 1
@@ -57,16 +63,13 @@ if HAVE_NUMBA:
                 break
             k1 = _count_below(x, -0.5 - z) - 1
             k2 = _count_below(x, (L - 0.5) - z) - 1
-            nh = T0 - Ph[k2 + 1]
-            if (Ph[k1 + 1] + nh) * z + ((Phx[k1 + 1] + (Phx[G] - Phx[k2 + 1])) * inv_s + off * Ph[k1 + 1]
-                                         - Lhi * nh) < 0.0:
+            a, b = _slope(Ph, Phx, k1, k2, inv_s, off, Lhi)
+            if a * z + b < 0.0:
                 i1 = k1
                 i2 = k2
                 break
         while True:
-            nh = T0 - Ph[i2 + 1]
-            a = Ph[i1 + 1] + nh
-            b = (Phx[i1 + 1] + (Phx[G] - Phx[i2 + 1])) * inv_s + off * Ph[i1 + 1] - Lhi * nh
+            a, b = _slope(Ph, Phx, i1, i2, inv_s, off, Lhi)
             e2 = (L - 0.5) - x[i2] if i2 >= 0 else np.inf
             e1 = -0.5 - x[i1] if i1 >= 0 else np.inf
             is2 = e2 <= e1  # ties: the high-clip event first
