@@ -53,7 +53,7 @@ except Exception:  # pragma: no cover - exercised when numba is absent
 
 
 if HAVE_NUMBA:
-    from .fast_cpu_surrogate import _clip_lower_bound, _surrogate
+    from .fast_cpu_surrogate import _clip_lower_bound, _prefix_sums, _surrogate
 
     @njit(cache=True, fastmath=False, nogil=True)
     def _stage_a(x, h, T0, L, ws_f, ws_i, Ph, Phx, inv_s, zg, thr):
@@ -225,12 +225,7 @@ if HAVE_NUMBA:
         G = xr.shape[0]
         Ph = wsf[4 * G + 400:5 * G + 401]  # scale-free prefix sums of h and h·xr (after _stage_a's scratch)
         Phx = wsf[5 * G + 401:6 * G + 402]
-        Ph[0] = 0.0
-        Phx[0] = 0.0
-        for j in range(G):
-            Ph[j + 1] = Ph[j] + h[j]
-            Phx[j + 1] = Phx[j] + h[j] * xr[j]
-        T0 = Ph[G]
+        T0 = _prefix_sums(xr, h, Ph, Phx)
         best = np.inf
         best_s = s0
         best_z = 0.0
@@ -318,14 +313,12 @@ if HAVE_NUMBA:
             h = np.empty(G, np.float64)
             wsf = np.empty(4 * G + 400, np.float64)
             wsi = np.empty(G, np.int64)
-            Ph = np.zeros(G + 1, np.float64)
-            Phx = np.zeros(G + 1, np.float64)
+            Ph = np.empty(G + 1, np.float64)
+            Phx = np.empty(G + 1, np.float64)
             for j in range(G):
                 x[j] = xsorted[g, j]
                 h[j] = hs[g, j]
-                Ph[j + 1] = Ph[j] + h[j]
-                Phx[j + 1] = Phx[j] + h[j] * x[j]
-            T0 = Ph[G]
+            T0 = _prefix_sums(x, h, Ph, Phx)
             z, f, _ = _stage_a(x, h, T0, L, wsf, wsi, Ph, Phx, 1.0, zg, np.inf)
             out_z[g] = z
             out_f[g] = f / T0

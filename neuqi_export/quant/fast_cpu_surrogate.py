@@ -33,6 +33,16 @@ if HAVE_NUMBA:
         return lo
 
     @njit(cache=True, nogil=True)
+    def _prefix_sums(xr, h, Ph, Phx):
+        """Ph[k] = Σ_{j<k} h_j, Phx[k] = Σ_{j<k} h_j·xr_j (k = 0..G) into the given (G + 1,) arrays; returns Σ h."""
+        Ph[0] = 0.0
+        Phx[0] = 0.0
+        for j in range(xr.shape[0]):
+            Ph[j + 1] = Ph[j] + h[j]
+            Phx[j + 1] = Phx[j] + h[j] * xr[j]
+        return Ph[xr.shape[0]]
+
+    @njit(cache=True, nogil=True)
     def _slope(Ph, Phx, i1, i2, inv_s, off, Lhi):
         """(a, b): the surrogate's derivative a·Z + b (halved) while x[..i1] is clipped low and x[i2+1..] high."""
         G = Ph.shape[0] - 1
