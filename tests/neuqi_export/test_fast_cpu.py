@@ -63,16 +63,16 @@ def test_stage_a_matches_brute_force(bits):
                                        atol=1e-14)
 
 
-def _surrogate_brute(x, h, L, off):
-    """float64 minimum of Σ h ψ(x + Z) (ψ: (u + off)² below -½, (½ - off)² between, (u - L + 1 - off)² above: continuous), by
-    evaluating every interval between the 2G events in closed form: an independent check of the walk."""
+def _surrogate_brute(x, h, L):
+    """float64 minimum of NeUQI's surrogate Σ h ψ(x + Z) (ψ: u² below -½, ¼ between, (u - L + 1)² above: continuous),
+    by evaluating every interval between the 2G events in closed form: an independent check of the walk."""
     ev = np.unique(np.concatenate([-0.5 - x, (L - 0.5) - x]))
     los = np.concatenate([[-np.inf], ev])
     his = np.concatenate([ev, [np.inf]])
 
     def g(z):
         u = x + z
-        return float(np.sum(h * np.where(u < -0.5, (u + off) ** 2, np.where(u > L - 0.5, (u - L + 1 - off) ** 2, (0.5 - off) ** 2))))
+        return float(np.sum(h * np.where(u < -0.5, u ** 2, np.where(u > L - 0.5, (u - L + 1) ** 2, 0.25))))
 
     best = np.inf
     for lo, hi in zip(los, his):
@@ -80,39 +80,67 @@ def _surrogate_brute(x, h, L, off):
         u = x + mid
         low, high = u < -0.5, u > L - 0.5
         a = h[low].sum() + h[high].sum()
-        b = (h[low] * (x[low] + off)).sum() + (h[high] * (x[high] - (L - 1 + off))).sum()
+        b = (h[low] * x[low]).sum() + (h[high] * (x[high] - (L - 1))).sum()
         for z in (lo, hi, -b / a if a > 0 else mid):
             if np.isfinite(z):
                 best = min(best, g(min(max(z, lo), hi)))
     return best, g
 
 
+def _sorted_case(rng, kind, G, bits):
+    """An adversarial group (test_zeropoint's kinds) sorted, shifted to start at 0, float64, with Σ h > 0."""
+    x, h = _case(rng, kind, G, bits)
+    o = np.argsort(x, kind="stable")
+    x = x[o].astype(np.float64)
+    h = h[o].astype(np.float64)
+    return x - x[0], (h if h.sum() > 0 else np.ones_like(h))
+
+
 @pytest.mark.parametrize("bits", [2, 4])
 def test_surrogate_walk_any_start_matches_brute_force(bits):
     """The surrogate's walk from prefix sums (one per group, any scale) gives the same Z₁ from every start
     (from -inf, just below Z₁, far below it, and above it, where it must fall back) and Z₁ minimises the
-    surrogate (and the clipping bound, off = ½) like an interval-by-interval float64 brute force."""
+    surrogate like an interval-by-interval float64 brute force."""
     rng = np.random.default_rng(7 + bits)
     L = float(1 << bits)
     for kind in KINDS:
         for _ in range(6):
-            x, h = _case(rng, kind, int(rng.integers(1, 140)), bits)
-            o = np.argsort(x, kind="stable")
-            x = x[o].astype(np.float64)
-            x = x - x[0]
-            h = h[o].astype(np.float64)
-            if h.sum() == 0:
-                h = np.ones_like(h)
+            x, h = _sorted_case(rng, kind, int(rng.integers(1, 140)), bits)
             s = float(rng.uniform(0.3, 3.0))
             Ph = np.concatenate([[0.0], np.cumsum(h)])
             Phx = np.concatenate([[0.0], np.cumsum(h * x)])  # prefix sums of h·xr with xr = x here
             xs = x / s
-            for off in (0.0, 0.5):
-                z1 = fast_cpu._surrogate(xs, Ph, Phx, 1.0 / s, L, -np.inf, off)[0]
-                for start in (z1 - 0.01, z1 - 1.5, z1 - 40.0, z1 + 0.3, z1 + 5.0):
-                    assert fast_cpu._surrogate(xs, Ph, Phx, 1.0 / s, L, start, off)[0] == z1, (kind, off, start)
-                gmin, g = _surrogate_brute(xs, h, L, off)
-                assert g(z1) <= gmin * (1 + 1e-9) + 1e-12 * (1 + float(h.sum())), (kind, off, g(z1), gmin)
+            z1 = fast_cpu._surrogate(xs, Ph, Phx, 1.0 / s, L, -np.inf)[0]
+            for start in (z1 - 0.01, z1 - 1.5, z1 - 40.0, z1 + 0.3, z1 + 5.0):
+                assert fast_cpu._surrogate(xs, Ph, Phx, 1.0 / s, L, start)[0] == z1, (kind, start)
+            gmin, g = _surrogate_brute(xs, h, L)
+            assert g(z1) <= gmin * (1 + 1e-9) + 1e-12 * (1 + float(h.sum())), (kind, g(z1), gmin)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_lower_bound_is_below_the_exact_minimum(bits):
+    """The pruning bound (the surrogate's minimum less ¼ per element) never exceeds min over Z of Σ h e² (float64
+    brute force over every breakpoint), at scales from heavy clipping to none, and equals the surrogate's
+    minimum less ¼·Σh (so it is as tight as that: a bound loosened to the clipping distance fails the last
+    check, one without the ¼ the first)."""
+    rng = np.random.default_rng(31 + bits)
+    L = float(1 << bits)
+    clipping = 0
+    for kind in KINDS:
+        for _ in range(4):
+            x, h = _sorted_case(rng, kind, int(rng.integers(2, 130)), bits)
+            Ph = np.concatenate([[0.0], np.cumsum(h)])
+            Phx = np.concatenate([[0.0], np.cumsum(h * x)])
+            span = max(float(x[-1]), 1e-6)
+            for s in span / (L - 1) * np.array([1.0, 0.6, 0.3, 0.1]):  # the Min-Max scale down to strong clipping
+                xs = x / s
+                lb, z1 = fast_cpu._lower_bound(xs, h, L, Ph, Phx, 1.0 / s, -np.inf)
+                exact = brute_force(xs, h, bits) * float(h.sum())  # brute_force normalises h
+                assert lb <= exact * (1 + 1e-9) + 1e-12 * float(h.sum()), (kind, s, lb, exact)
+                gmin, _ = _surrogate_brute(xs, h, L)
+                np.testing.assert_allclose(lb, gmin - 0.25 * float(h.sum()), rtol=1e-9, atol=1e-9 * float(h.sum()))
+                clipping += lb > 0.05 * exact
+    assert clipping > 20  # the bound is not trivially 0 on these cases
 
 
 def test_stage_a_threshold_only_skips_what_cannot_win():
