@@ -25,13 +25,14 @@ and the weight is on the CPU (`init_params(..., impl="auto")`, the default); oth
   element by element.
 - Stage B: s = s₀·i/C (i = C down to 1; ties resolved towards the smaller i as the torch path's ascending
   strict `<` does), then s_c + s₀·j/D (j = −F..F, j ≠ 0, s > 0); every candidate scale is rounded to float32
-  first (the stored precision), so the loss compared is the loss of the stored scale; x = (w − min)·(1/s). Coarse scales past the
-  optimum (losses rising again) are first checked against a lower bound of their loss (the surrogate's
-  minimum less its ¼ per element: Σ h (u² − ¼) over the clipped elements, by the same walk); a scale whose
-  bound is strictly above the best loss found is skipped: it cannot be the argmin. Likewise a window bin whose
-  lower bound is above the best loss found (over s²) is not swept. The result is the same as without pruning
-  (tested), except on groups the grid fits to float rounding (weights on a lattice, losses 1e-11 and below),
-  where either may pick another candidate as good within that rounding (15 of 49,152 adversarial groups).
+  first (the stored precision), so the loss compared is the loss of the stored scale; x = (w − min)·(1/s).
+  Coarse scales past the optimum (losses rising again) are first checked against a lower bound of their
+  loss (the surrogate's minimum less its ¼ per element: Σ h (u² − ¼) over the clipped elements; its walk
+  gives Stage A's Z₁ too); a scale whose bound is strictly above the best loss found is skipped: it cannot
+  be the argmin. Likewise a window bin whose lower bound is above the best loss found (over s²) is not
+  swept. The result is the same as without pruning (tested), except on groups the grid fits to float
+  rounding (weights on a lattice, losses 1e-11 and below), where either may pick another candidate as good
+  within that rounding (15 of 49,152 adversarial groups).
 
 Everything is float64 inside (the torch path is float32), so on near-ties the two may pick different
 (equally good within float32 rounding) candidates; the tests bound the per-group loss against the torch path
@@ -57,11 +58,12 @@ if HAVE_NUMBA:
     from .fast_cpu_surrogate import _lower_bound, _prefix_sums, _surrogate
 
     @njit(cache=True, fastmath=False, nogil=True)
-    def _stage_a(x, h, T0, L, ws_f, ws_i, Ph, Phx, inv_s, zg, thr):
-        """x (G,) ascending float64, h (G,) >= 0 aligned, T0 = Σ h > 0; Ph, Phx, inv_s, zg as `_surrogate`.
-        Returns (Z*, f(Z*), Z₁) with f = Σ h e² (not divided by T0) and Z₁ the surrogate's minimiser. thr: window
-        bins whose lower bound exceeds it are not swept, so when min f > thr the f returned is only known to
-        be > thr (exact whenever it is <= thr). ws_f (4G + 400,) float64 and ws_i (G,) int64: scratch."""
+    def _stage_a(x, h, T0, L, ws_f, ws_i, z1, thr):
+        """x (G,) ascending float64, h (G,) >= 0 aligned, T0 = Σ h > 0, z1 the surrogate's minimiser Z₁
+        (`_surrogate`). Returns (Z*, f(Z*)), the exact minimum on [Z₁ − 1, Z₁ + 1], with f = Σ h e² (not
+        divided by T0). thr: window bins whose lower bound exceeds it are not swept, so when min f > thr the f
+        returned is only known to be > thr (exact whenever it is <= thr). ws_f (4G + 400,) float64 and ws_i
+        (G,) int64: scratch."""
         G = x.shape[0]
         nbu = 32
         invT0 = 1.0 / T0
@@ -77,7 +79,6 @@ if HAVE_NUMBA:
         lb = ws_f[o + 10 * nbu + 3:o + 12 * nbu + 3]
         bins = ws_i[0:G]
         Lm1 = L - 1.0
-        z1, _, _ = _surrogate(x, Ph, Phx, inv_s, L, zg)
         # ---------------- exact minimum on [z1 - 1, z1 + 1] ----------------
         # δ = Z - lo ∈ [0, 2]; f(δ) = f(0) + T0 δ² + 2 ∫_0^δ A1, A1 non-increasing (drops by h_j at each event).
         # The window is cut into NB bins; f at every bin edge needs only per-bin sums Σh, Σh·e of the events
@@ -216,8 +217,8 @@ if HAVE_NUMBA:
                     q = Lm1
                 e = u - q
                 f += h[j] * e * e
-            return z, f, z1
-        return z, best_v, z1
+            return z, f
+        return z, best_v
 
     @njit(cache=True, nogil=True)
     def _search_group(xr, h, s0, L, C, F, D, xs, wsf, wsi, prune):
@@ -230,10 +231,8 @@ if HAVE_NUMBA:
         best = np.inf
         best_s = s0
         best_z = 0.0
-        zg = -np.inf  # warm start of the surrogate: the last Z₁ found (and its scale), of the bound's walk too
+        zg = -np.inf  # warm start of the surrogate's walk: the last Z₁ found, and its scale
         sg = s0
-        zb = -np.inf
-        sb = s0
         # coarse scales from the largest (i = C, the Min-Max scale) down: once the losses have passed the
         # optimum, the strongly clipping small scales are pruned by a lower bound of their loss. Ties go to
         # the smallest i (`<=` in descending order), as the ascending strict `<` of the torch path does.
@@ -244,16 +243,18 @@ if HAVE_NUMBA:
             for j in range(G):
                 xs[j] = xr[j] * inv_s
             # the bound is tried only once the losses rise again (past the optimum), where it usually prunes
-            if prune and rising:
-                fb, zb = _lower_bound(xs, h, L, Ph, Phx, inv_s, _shifted(zb, sb, s, L))
-                sb = s
+            start = _shifted(zg, sg, s, L)
+            sg = s
+            if prune and rising:  # the bound's walk is the surrogate's: its Z₁ serves Stage A too
+                fb, zg = _lower_bound(xs, h, L, Ph, Phx, inv_s, start)
                 if s * s * fb > best * (1.0 + 1e-9):
                     continue  # strictly worse than a candidate already evaluated: never the argmin
+            else:
+                zg = _surrogate(xs, Ph, Phx, inv_s, L, start)[0]
             # a scale that cannot reach best needs no exact sweep of its window (`thr`); without pruning,
             # every f is exact
             thr = best * (1.0 + 1e-9) / (s * s) if prune else np.inf
-            z, f, zg = _stage_a(xs, h, T0, L, wsf, wsi, Ph, Phx, inv_s, _shifted(zg, sg, s, L), thr)
-            sg = s
+            z, f = _stage_a(xs, h, T0, L, wsf, wsi, zg, thr)
             loss = s * s * f
             rising = loss > best
             if loss <= best:
@@ -272,7 +273,8 @@ if HAVE_NUMBA:
             for j in range(G):
                 xs[j] = xr[j] * inv_s
             thr = best * (1.0 + 1e-9) / (s * s) if prune else np.inf
-            z, f, _ = _stage_a(xs, h, T0, L, wsf, wsi, Ph, Phx, inv_s, _shifted(z_c, s_c, s, L) - 1.0, thr)
+            z1 = _surrogate(xs, Ph, Phx, inv_s, L, _shifted(z_c, s_c, s, L) - 1.0)[0]
+            z, f = _stage_a(xs, h, T0, L, wsf, wsi, z1, thr)
             loss = s * s * f
             if loss < best:
                 best = loss
@@ -320,7 +322,7 @@ if HAVE_NUMBA:
                 x[j] = xsorted[g, j]
                 h[j] = hs[g, j]
             T0 = _prefix_sums(x, h, Ph, Phx)
-            z, f, _ = _stage_a(x, h, T0, L, wsf, wsi, Ph, Phx, 1.0, zg, np.inf)
+            z, f = _stage_a(x, h, T0, L, wsf, wsi, _surrogate(x, Ph, Phx, 1.0, L, zg)[0], np.inf)
             out_z[g] = z
             out_f[g] = f / T0
 

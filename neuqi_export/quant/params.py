@@ -25,10 +25,10 @@ default): on the CPU the numba kernels of `fast_cpu.py` (neuqi/mse; float64 insi
 throughput per CPU-second, docs/BENCH_INIT_CPU.md) and `fast_cpu_int.py` (neuqi_int) when the optional
 package numba is installed; on CUDA the Triton kernels of `fast_triton.py` / `fast_triton_int.py` when
 triton is installed (groups of up to 256 weights; longer per-channel rows stay on the torch path; a kernel
-that fails to compile falls back to the torch path with one warning). ``impl="reference"`` forces this torch path, which is also the fallback
-without them; ``impl="triton"`` on a CPU tensor runs the Triton kernel in Triton's interpreter
-(TRITON_INTERPRET=1, for tests). Full groups and the shorter last
-group (in_features not a multiple of the group size) are two batches. A constant group (max = min, or a
+that fails to compile falls back to the torch path with one warning). ``impl="reference"`` forces this
+torch path, which is also the fallback without them; ``impl="triton"`` on a CPU tensor runs the Triton
+kernel in Triton's interpreter (TRITON_INTERPRET=1, for tests). Full groups and the shorter last group
+(in_features not a multiple of the group size) are two batches. A constant group (max = min, or a
 range below (L−1)·2⁻¹⁴ of its magnitude, where a float32 zero-point could not place the grid) gets
 s = |c|/(L−1) with Z = 0 (c > 0) or Z = L−1 (c < 0), which reproduces c; an all-zero group gets
 s = 2⁻²⁴, Z = 0.

@@ -96,6 +96,11 @@ def _sorted_case(rng, kind, G, bits):
     return x - x[0], (h if h.sum() > 0 else np.ones_like(h))
 
 
+def _prefix(x, h):
+    """(Ph, Phx): the walk's prefix sums of h and h·x, from 0 (float64 numpy, independent of the kernel's own)."""
+    return np.concatenate([[0.0], np.cumsum(h)]), np.concatenate([[0.0], np.cumsum(h * x)])
+
+
 @pytest.mark.parametrize("bits", [2, 4])
 def test_surrogate_walk_any_start_matches_brute_force(bits):
     """The surrogate's walk from prefix sums (one per group, any scale) gives the same Z₁ from every start
@@ -107,8 +112,7 @@ def test_surrogate_walk_any_start_matches_brute_force(bits):
         for _ in range(6):
             x, h = _sorted_case(rng, kind, int(rng.integers(1, 140)), bits)
             s = float(rng.uniform(0.3, 3.0))
-            Ph = np.concatenate([[0.0], np.cumsum(h)])
-            Phx = np.concatenate([[0.0], np.cumsum(h * x)])  # prefix sums of h·xr with xr = x here
+            Ph, Phx = _prefix(x, h)  # prefix sums of h·xr with xr = x here
             xs = x / s
             z1 = fast_cpu._surrogate(xs, Ph, Phx, 1.0 / s, L, -np.inf)[0]
             for start in (z1 - 0.01, z1 - 1.5, z1 - 40.0, z1 + 0.3, z1 + 5.0):
@@ -129,8 +133,7 @@ def test_lower_bound_is_below_the_exact_minimum(bits):
     for kind in KINDS:
         for _ in range(4):
             x, h = _sorted_case(rng, kind, int(rng.integers(2, 130)), bits)
-            Ph = np.concatenate([[0.0], np.cumsum(h)])
-            Phx = np.concatenate([[0.0], np.cumsum(h * x)])
+            Ph, Phx = _prefix(x, h)
             span = max(float(x[-1]), 1e-6)
             for s in span / (L - 1) * np.array([1.0, 0.6, 0.3, 0.1]):  # the Min-Max scale down to strong clipping
                 xs = x / s
@@ -154,13 +157,12 @@ def test_stage_a_threshold_only_skips_what_cannot_win():
                 o = np.argsort(x, kind="stable")
                 x = (x[o] - x[o][0]).astype(np.float64) / float(rng.uniform(0.5, 4.0))
                 h = h[o].astype(np.float64) + 1e-3
-                Ph = np.concatenate([[0.0], np.cumsum(h)])
-                Phx = np.concatenate([[0.0], np.cumsum(h * x)])
+                Ph, Phx = _prefix(x, h)
                 wsf, wsi = np.empty(4 * 128 + 400), np.empty(128, np.int64)  # the sizes _stage_a documents
-                args = (x, h, Ph[-1], L, wsf, wsi, Ph, Phx, 1.0, -np.inf)
-                z, f, _ = fast_cpu._stage_a(*args, np.inf)
+                args = (x, h, Ph[-1], L, wsf, wsi, fast_cpu._surrogate(x, Ph, Phx, 1.0, L, -np.inf)[0])
+                z, f = fast_cpu._stage_a(*args, np.inf)
                 for thr in (f * 0.5, f * (1 - 1e-6), f, f * 1.01, f * 3):
-                    zt, ft, _ = fast_cpu._stage_a(*args, thr)
+                    zt, ft = fast_cpu._stage_a(*args, thr)
                     if f <= thr:
                         assert ft == f and zt == z
                     else:
