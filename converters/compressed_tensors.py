@@ -46,6 +46,7 @@ import torch
 from converters.registry import (ExportReport, Exporter, TensorReport, choose, prepare_output, register,
                                  write_safetensors_dir)
 from neuqi_export.errors import UserError
+from neuqi_export.master import HEAD
 
 GROUP_SIZES = (128, 64, 32)
 SCALE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -211,8 +212,8 @@ def export_compressed_tensors(master, out, scale_dtype: str = "fp32", refit: str
     dense: list[str] = []
     shared = {}
     for bits in sorted({lin.bits for lin in master.linears.values()}):
-        fits = [(lin.shape[1], lin.group_size) for lin in master.linears.values()
-                if lin.bits == bits and ct_group_size(lin.shape[1], lin.group_size) is not None]
+        fits = [(lin.shape[1], lin.group_size) for n, lin in master.linears.items()
+                if lin.bits == bits and ct_group_size(lin.shape[1], lin.group_size) is not None and n != HEAD]
         shared[bits] = shared_group_size(fits) if fits else None
     for name, lin in master.linears.items():
         lin.validate(name)
@@ -221,10 +222,16 @@ def export_compressed_tensors(master, out, scale_dtype: str = "fp32", refit: str
         # the master's weights in float64 (so an integer-zero master refits with exactly zero added error)
         w = (expand_groups(lin.scale.double(), inp, lin.effective_group_size)
              * (lin.codes.double() - expand_groups(lin.zero.double(), inp, lin.effective_group_size)))
-        if g is None:
+        if g is None or name == HEAD:
+            if name == HEAD and master.head_shares_embedding:  # tied: the embedding written below holds its values
+                reports.append(TensorReport(name, "F32 (tied embedding)", True,
+                                            note="transformers' compressed-tensors loader leaves lm_head unquantized"))
+                continue
             tensors[f"{name}.weight"] = lin.dequantize().float()
             dense.append(name)
-            reports.append(TensorReport(name, "F32 (dense)", True, note=f"in={inp}, group {lin.group_size}: no group size 32/64/128 fits"))
+            why = (f"in={inp}, group {lin.group_size}: no group size 32/64/128 fits" if name != HEAD else
+                   "transformers' compressed-tensors loader leaves lm_head unquantized (its packed weights would be dropped)")
+            reports.append(TensorReport(name, "F32 (dense)", True, note=why))
             continue
         geff = inp if g == -1 else g
         # master parameters re-expressed on the export's groups (exact before the integer refit)

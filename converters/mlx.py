@@ -36,6 +36,7 @@ import torch
 from converters.registry import (ExportReport, Exporter, TensorReport, choose, prepare_output, register,
                                  write_safetensors_dir)
 from neuqi_export.errors import UserError
+from neuqi_export.master import EMBED, HEAD
 
 MLX_GROUP_SIZES = (128, 64, 32)
 MLX_BITS = (2, 3, 4, 5, 6, 8)
@@ -140,8 +141,10 @@ def export_mlx(master, out, scale_dtype: str = "fp32", overwrite: bool = False) 
     tensors: dict[str, torch.Tensor] = {}
     reports: list[TensorReport] = []
     per_module: dict[str, dict] = {}
-    for name, lin in master.linears.items():
-        lin.validate(name)
+    shared = master.head_shares_embedding  # tied quantized head: stored as the QuantizedEmbedding mlx-lm ties to
+    for hf_name, lin in master.linears.items():
+        lin.validate(hf_name)
+        name = "model.embed_tokens" if shared and hf_name == HEAD else hf_name
         out_f, inp = lin.shape
         gsize, bits = mlx_group_size(inp, lin.group_size), mlx_bits(lin.bits)
         if gsize is None or bits is None:
@@ -166,6 +169,8 @@ def export_mlx(master, out, scale_dtype: str = "fp32", overwrite: bool = False) 
             note.append(f"{scale_dtype} scales: rel. weight error {err:.2e}")
         reports.append(TensorReport(name, f"MLX-affine-{bits} g{gsize}", True, added_error=0.0, note="; ".join(note)))
     for k, v in master.tensors.items():
+        if k == EMBED and shared:
+            continue  # written above from the quantized head
         tensors[k] = v.detach().cpu().contiguous().clone()
 
     quantized = [m for m in per_module.values() if m]

@@ -82,6 +82,10 @@ def _add_quant_options(p) -> None:
     p.add_argument("--imatrix", default=None, metavar="FILE",
                    help="a llama.cpp importance matrix (.gguf or .dat, e.g. from llama-imatrix) used as diag(H) in place "
                         "of calibration text (no GPTQ: it needs the full H)")
+    p.add_argument("--lm-head-bits", type=int, default=None, metavar="B",
+                   help="quantize the output head too (2, 3, 4 or 8 bits; same group size, init and GPTQ, its H from "
+                        "the final norm's outputs); with tied embeddings it is the one shared matrix, so the "
+                        "exporters store the embedding quantized as well (default: the head stays float)")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows (paper: 128)")
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window (paper: 2048)")
     p.add_argument("--seed", type=int, default=0)
@@ -136,7 +140,8 @@ def _options(args):
                         "drop --calib (or drop --imatrix to calibrate on that text)")
     opts = QuantizeOptions(bits=args.bits, group_size=args.group_size, init=args.init, gptq=args.gptq,
                            act_order=not args.no_act_order, nsamples=args.nsamples, seqlen=args.seqlen,
-                           seed=args.seed, calibrate=not (args.no_calib or args.imatrix), imatrix=args.imatrix)
+                           seed=args.seed, calibrate=not (args.no_calib or args.imatrix), imatrix=args.imatrix,
+                           lm_head_bits=args.lm_head_bits)
     opts.validate()
     return opts
 

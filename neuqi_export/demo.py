@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .master import EMBED
 
 GGUF_NAME = "model.gguf"
 REFERENCE_ROWS = ("original (fp32)", "master (exact)")  # always scored on every window
@@ -77,7 +78,9 @@ def _weights_size(path: Path) -> int:
 
 
 def _n_params(master) -> int:
-    return sum(lin.codes.numel() for lin in master.linears.values()) + sum(t.numel() for t in master.tensors.values())
+    derived = EMBED if master.head_shares_embedding else None  # a tied quantized head's float copy: not a parameter
+    return (sum(lin.codes.numel() for lin in master.linears.values())
+            + sum(t.numel() for k, t in master.tensors.items() if k != derived))
 
 
 def _fmt(v: float, spec: str) -> str:

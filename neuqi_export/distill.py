@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_file
 from .errors import UserError
-from .master import MasterCheckpoint, QuantizedLinear
+from .master import HEAD, MasterCheckpoint, QuantizedLinear
 from .partial import discard_stale, mark, partial_dir
 from .quant.grid import dequantize, expand_groups, n_groups
 
@@ -146,6 +146,8 @@ def build_student(master: MasterCheckpoint):
 
     model = master_to_hf(master)
     for name, rec in master.linears.items():
+        if name == HEAD:
+            continue  # a quantized lm_head stays frozen (NEUQI.md): its dequantized weights, as master_to_hf set them
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         old = getattr(parent, attr)
@@ -256,6 +258,9 @@ def distilled_master(master: MasterCheckpoint, params: dict, info: dict) -> Mast
     """A new master: same codes, the trained scales/zeros, norm weights and biases."""
     linears, tensors = {}, dict(master.tensors)
     for name, rec in master.linears.items():
+        if name == HEAD:
+            linears[name] = rec  # frozen
+            continue
         linears[name] = QuantizedLinear(rec.codes, params[f"{name}.scale"].detach().float().cpu().clone(),
                                         params[f"{name}.zero"].detach().float().cpu().clone(),
                                         rec.bits, rec.group_size, rec.hdiag)

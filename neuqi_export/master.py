@@ -4,7 +4,9 @@ A HF-style directory: config.json with a `quantization_config` block, the tokeni
 `model.safetensors` holding, per quantized linear `<m>`: `<m>.qweight` (codes as a little-endian
 bit stream along the input dimension, uint8 (out, ceil(in*bits/8))), `<m>.scales` and `<m>.zeros`
 (float32 (out, n_groups)), `<m>.hdiag` (float32 (in,), the damped diag(H) the parameters were fitted
-with; ones when no calibration); every other tensor as it was.
+with; ones when no calibration); every other tensor as it was. A quantized output head is `lm_head` like any
+linear; when the model ties it to the embedding (`quantization_config.lm_head.tied_embedding`), the embedding
+table is not stored: it is that head's dequantized matrix.
 A linear quantized directly for a GGUF block type (`convert --to gguf`'s K-quant-aware mode) is stored
 instead as `<m>.gguf` (the blocks as llama.cpp reads them, uint8 (out, row_bytes); F16/F32 rows as floats)
 with its type in the module entry; only the GGUF exporter and the dequantizing runtimes take those.
@@ -27,6 +29,7 @@ from .quant.grid import dequantize, n_groups
 from .safetensors_io import save_file
 
 QUANT_METHOD = "neuqi"
+HEAD, EMBED = "lm_head", "model.embed_tokens.weight"  # the output head and the (possibly tied) embedding table
 WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -110,6 +113,13 @@ class MasterCheckpoint:
     def quantization_config(self) -> dict:
         return self.config["quantization_config"]
 
+    @property
+    def head_shares_embedding(self) -> bool:
+        """True when the output head is quantized and tied: the embedding table is that one quantized matrix
+        (`tensors` then holds its dequantized copy, which is not written: load() derives it)."""
+        return bool(self.config.get("quantization_config", {}).get("lm_head", {}).get("tied_embedding")) \
+            and isinstance(self.linears.get(HEAD), QuantizedLinear)
+
     def require_uniform(self, what: str) -> None:
         """UserError when a linear is held in a GGUF block type (only the GGUF exporter can take those)."""
         typed = [n for n, lin in self.linears.items() if isinstance(lin, GGUFLinear)]
@@ -148,6 +158,8 @@ class MasterCheckpoint:
             tensors[f"{name}.hdiag"] = h.float().cpu().contiguous()
             modules[name] = {"bits": lin.bits, "group_size": lin.group_size, "shape": list(lin.shape)}
         for k, v in self.tensors.items():
+            if k == EMBED and self.head_shares_embedding:
+                continue
             tensors[k] = v.detach().cpu().contiguous().clone()
         config = dict(self.config)
         config["quantization_config"] = {**self.quantization_config, "quant_method": QUANT_METHOD, "modules": modules}
@@ -185,4 +197,7 @@ class MasterCheckpoint:
                 bits=meta["bits"], group_size=meta["group_size"], hdiag=raw.pop(f"{name}.hdiag"),
             )
             linears[name].validate(name)
-        return cls(config=config, linears=linears, tensors=raw, tokenizer_dir=path)
+        master = cls(config=config, linears=linears, tensors=raw, tokenizer_dir=path)
+        if master.head_shares_embedding:
+            raw[EMBED] = linears[HEAD].dequantize()
+        return master

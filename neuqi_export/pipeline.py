@@ -11,7 +11,7 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -23,7 +23,7 @@ from .atomic import atomic_file
 from .errors import UserError
 from .gptq import gptq_quantize, weighted_error
 from .hessian import HessianAccumulator
-from .master import GGUFLinear, MasterCheckpoint, QuantizedLinear
+from .master import EMBED, HEAD, GGUFLinear, MasterCheckpoint, QuantizedLinear
 from .partial import discard_stale, mark, partial_dir
 from .quant.grid import dequantize, quantize_codes
 from .quant.params import init_params
@@ -54,6 +54,8 @@ class QuantizeOptions:
     gguf_types: dict | None = None
     # a llama.cpp imatrix file whose per-linear h replaces calibration (data-free otherwise: no GPTQ)
     imatrix: str | None = None
+    # quantize the output head too (for tied embeddings: the one shared matrix), at these bits; None keeps it float
+    lm_head_bits: int | None = None
 
     def validate(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -67,6 +69,13 @@ class QuantizeOptions:
             raise UserError("--nsamples must be >= 1 and --seqlen >= 2")
         if self.imatrix and self.calibrate:
             raise UserError("--imatrix replaces calibration text; pass --no-calib with it (or drop --imatrix)")
+        if self.lm_head_bits is not None:
+            if self.lm_head_bits not in SUPPORTED_BITS:
+                raise UserError(f"--lm-head-bits {self.lm_head_bits} is not supported; use one of "
+                                f"{', '.join(map(str, SUPPORTED_BITS))}")
+            if self.gguf_types:
+                raise UserError("--lm-head-bits does not combine with a GGUF type (--for-gguf): the type's mixture "
+                                "sets the output tensor's type; drop --lm-head-bits")
         if self.gptq and not self.calibrate:
             raise UserError("--gptq needs calibration text (an imatrix holds only diag(H)); drop --gptq, or "
                             "calibrate instead of --no-calib/--imatrix")
@@ -264,6 +273,34 @@ def _quantize_block(block, k: int, prefix: str, spec, inputs: list, kwargs: dict
 
 
 @torch.no_grad()
+def _quantize_head(model, hidden: list, opts: QuantizeOptions, device, part_file: Path, importance: dict | None,
+                   progress: bool) -> tuple[QuantizedLinear, dict]:
+    """Quantize the output head (`lm_head`; for tied embeddings the shared matrix) at opts.lm_head_bits with the
+    body's group size, init and GPTQ, its H from the final norm's outputs on the last block's outputs `hidden`.
+    Resumable: the record is kept in `part_file` until the master is written."""
+    head_opts = replace(opts, bits=opts.lm_head_bits)
+    if part_file.exists():
+        recs, ls = _load_block(part_file, [HEAD], head_opts)
+        return recs[HEAD], ls[HEAD]
+    head = model.get_output_embeddings()
+    W = head.weight.data.to(torch.float32)
+    if not torch.isfinite(W).all():
+        raise UserError("weight 'lm_head.weight' contains NaN/Inf; repair the model before quantizing")
+    H = None
+    if opts.calibrate:
+        norm = model.model.norm.to(device)
+        acc = HessianAccumulator(W.shape[1], device=device)
+        for x in tqdm(hidden, desc="lm_head", unit="window", disable=not progress, leave=False):
+            acc.add(norm(x.to(device)))
+        norm.to("cpu")
+        H = acc.damped(opts.percdamp)
+    imp = None if importance is None else importance.get(HEAD)
+    rec, loss, _ = quantize_linear(W.to(device), H, head_opts, HEAD, imp)
+    _save_block(part_file, {HEAD: rec}, {HEAD: loss})
+    return rec, loss
+
+
+@torch.no_grad()
 def _block_outputs(block, inputs: list, kwargs: dict, device) -> list:
     return [block(x.to(device), **kwargs).detach().cpu() for x in inputs]
 
@@ -325,18 +362,27 @@ def quantize_model(model_dir, out, opts: QuantizeOptions, calib_text: str | None
             _save_block(block_file, recs, ls)
         records.update(recs)
         losses.update(ls)
-        if k + 1 < len(blocks):
+        if k + 1 < len(blocks) or opts.lm_head_bits is not None:
             inputs = _block_outputs(block, inputs, kwargs, device)
         blocks[k] = block.to("cpu")
+    tied = bool(config.get("tie_word_embeddings", False))
+    if opts.lm_head_bits is not None:
+        rec, loss = _quantize_head(model, inputs, opts, device, partial / "lm_head.safetensors", importance,
+                                   progress=not bar.disable)
+        records[HEAD], losses[HEAD] = rec, loss
 
     tensors = {n: t.detach().cpu() for n, t in model.state_dict().items()
                if not (n.endswith(".weight") and n[: -len(".weight")] in records)}
-    if config.get("tie_word_embeddings", False):
+    if tied:
         tensors.pop("lm_head.weight", None)
+        if HEAD in records:  # the one shared matrix: the embedding is the quantized head (the master derives it)
+            tensors[EMBED] = records[HEAD].dequantize()
     qcfg = {"quant_method": "neuqi", "bits": opts.bits, "group_size": opts.group_size, "init": opts.init,
             "gptq": opts.gptq, "act_order": opts.act_order, "static_groups": True, "nsamples": opts.nsamples,
             "seqlen": opts.seqlen, "seed": opts.seed, "percdamp": opts.percdamp, "calibrated": opts.calibrate,
             "imatrix": Path(opts.imatrix).name if opts.imatrix else None, "gguf_lattice": bool(opts.gguf_types)}
+    if HEAD in records:
+        qcfg["lm_head"] = {"bits": opts.lm_head_bits, "tied_embedding": tied}
     master = MasterCheckpoint(config={**config, "quantization_config": qcfg}, linears=records, tensors=tensors,
                               tokenizer_dir=model_dir)
     master.save(out, overwrite=force)

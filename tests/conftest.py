@@ -128,3 +128,27 @@ def real_master_ppl(real_master_dir, real_eval_windows):
     from neuqi_export.modeling import master_to_hf
 
     return perplexity_hf(master_to_hf(MasterCheckpoint.load(real_master_dir)), real_eval_windows, progress=False)
+
+
+HEAD_QUANT = dict(bits=3, group_size=32, gptq=True, nsamples=4, seqlen=64)
+
+
+@pytest.fixture(scope="session")
+def head_master(tmp_path_factory, tiny_llama_dir, tiny_qwen2_dir, real_assets):
+    """get(arch, head_bits, init) -> a master of the tiny llama (tied) / qwen2 (untied) with a quantized output
+    head (`quantize --lm-head-bits`): body 3-bit g32 + GPTQ, small calibration; each made once, on first use."""
+    from neuqi_export.data import read_text
+    from neuqi_export.pipeline import QuantizeOptions, quantize_model
+
+    made, text = {}, read_text(real_assets.calib_text)
+
+    def get(arch: str = "llama", head_bits: int = 4, init: str = "neuqi") -> Path:
+        if (arch, head_bits, init) not in made:
+            out = tmp_path_factory.mktemp(f"head_{arch}_{head_bits}_{init}") / "m"
+            opts = QuantizeOptions(init=init, lm_head_bits=head_bits, **HEAD_QUANT)
+            quantize_model({"llama": tiny_llama_dir, "qwen2": tiny_qwen2_dir}[arch], out, opts, calib_text=text,
+                           progress=False)
+            made[arch, head_bits, init] = out
+        return made[arch, head_bits, init]
+
+    return get

@@ -10,7 +10,7 @@ import numpy as np
 from converters.registry import ExportReport, TensorReport
 from neuqi_export.atomic import atomic_file
 from neuqi_export.errors import UserError
-from neuqi_export.master import GGUFLinear
+from neuqi_export.master import HEAD, GGUFLinear
 
 from . import metadata
 from .exact import LEGACY_TYPES, NotRepresentable, PackedTensor, master_dequant, pack_exact, weighted_error
@@ -214,7 +214,8 @@ def export_gguf(master, out, qtype: str = "Q4_1", embed_type: str = "auto", outp
     config = master.config
     arch, permute = metadata.gguf_arch(config)
     max_bits, file_type = WEIGHT_TYPES[qtype]
-    too_wide = sorted({lin.bits for lin in master.linears.values() if not isinstance(lin, GGUFLinear) and lin.bits > max_bits})
+    too_wide = sorted({lin.bits for name, lin in master.linears.items()  # a quantized head takes the output type
+                       if not isinstance(lin, GGUFLinear) and lin.bits > max_bits and name != HEAD})
     if plan is not None:
         file_type = _presets.FILE_TYPE[preset]
         too_wide = []
@@ -238,9 +239,10 @@ def export_gguf(master, out, qtype: str = "Q4_1", embed_type: str = "auto", outp
     if embed.shape[0] != n_vocab:
         raise UserError(f"embedding rows {embed.shape[0]} != vocab_size {n_vocab}; the config does not match the weights")
     head = tensors.pop("lm_head.weight", None)
-    tied = bool(config.get("tie_word_embeddings", False)) or head is None
+    tied = _is_tied(master)
     if head is not None and config.get("tie_word_embeddings", False):
         head = None  # tied: llama.cpp reuses token_embd
+    shared = master.linears[HEAD] if master.head_shares_embedding else None  # token_embd = the quantized head
 
     out_t = default_output_type(n_embd) if output_type == "auto" else output_type
     if plan is not None and output_type == "auto" and "output.weight" in plan:
@@ -253,6 +255,8 @@ def export_gguf(master, out, qtype: str = "Q4_1", embed_type: str = "auto", outp
         emb_t = out_t  # llama-quantize quantizes a tied token_embd like the output head
     else:
         emb_t = qtype if qtype in LEGACY_TYPES else "Q8_0"  # llama-quantize: the base type
+    if shared is not None and plan is None and embed_type == "auto" and shared.bits <= max_bits:
+        emb_t = qtype  # the head's codes fit the linears' type: the shared matrix is stored like them (exact)
 
     entries: list[tuple[str, PackedTensor]] = []
 
@@ -262,13 +266,22 @@ def export_gguf(master, out, qtype: str = "Q4_1", embed_type: str = "auto", outp
             raise UserError(f"tensor {hf!r} has no GGUF name for arch {arch}; the master does not match a supported architecture")
         return g
 
-    entries.append(("token_embd.weight", _float_tensor(_np(embed), emb_t)))
+    if shared is not None:
+        say(f"packing {HEAD} as token_embd ({emb_t})")
+        entries.append(("token_embd.weight", _float_tensor(_np(embed), emb_t) if emb_t in ("F16", "F32")
+                         else _pack_linear(shared, emb_t, None)))
+    else:
+        entries.append(("token_embd.weight", _float_tensor(_np(embed), emb_t)))
     for lname in sorted(master.linears, key=_layer_key):
         lin = master.linears[lname]
+        if lname == HEAD and shared is not None:
+            continue  # tied: llama.cpp reads the output head from token_embd
         perm = None
         if permute and lname.endswith(("self_attn.q_proj", "self_attn.k_proj")):
             perm = rope_permutation(lin.shape[0], n_head if lname.endswith("q_proj") else n_kv)
         tname, ltype = gname(lname + ".weight"), qtype
+        if lname == HEAD and plan is None and (output_type != "auto" or lin.bits > max_bits):
+            ltype = out_t  # an untied quantized head: the output type when asked for or when its codes need it
         if plan is not None:
             if tname not in plan:
                 raise UserError(f"preset {preset} has no rule for {tname}; export with a plain --type")
@@ -337,7 +350,9 @@ def export_original(model_dir, out, qtype: str = "F16", overwrite: bool = False)
 
 
 def _is_tied(master) -> bool:
-    return bool(master.config.get("tie_word_embeddings", False)) or "lm_head.weight" not in master.tensors
+    """The output head is token_embd: tied in the config, or no head stored (float or quantized)."""
+    return bool(master.config.get("tie_word_embeddings", False)) or (
+        "lm_head.weight" not in master.tensors and HEAD not in master.linears)
 
 
 def _layer_key(name: str):

@@ -8,7 +8,8 @@ Outputs:
 with T = float32 or float16 (`dtype`); total_seq = past_seq + seq.
 
 Ops: standard ONNX (opset 17) everywhere except the quantized linears (com.microsoft MatMulNBits,
-version 1). RMSNorm, rotary embedding, grouped-query attention and the causal/padding mask are spelled
+version 1) and, when a tied output head is quantized, the embedding (com.microsoft GatherBlockQuantized on the
+head's weights, `embedding.py`). RMSNorm, rotary embedding, grouped-query attention and the causal/padding mask are spelled
 out with plain ops so that the graph's numerics follow transformers' eager code:
 - RMSNorm in float32: x / sqrt(mean(x²) + eps), cast back to T, times the weight (onnxruntime fuses it
   into SimplifiedLayerNormalization);
@@ -27,7 +28,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from neuqi_export.errors import UserError
+from neuqi_export.master import EMBED, HEAD
 
+from .embedding import quantized_embedding
 from .matmulnbits import NBitsWeights, group_sum_matrix, prepare
 
 ONNX_OPSET = 17
@@ -198,6 +201,7 @@ class DecoderGraph:
         self.reports: list = []  # (name, NBitsWeights)
         self._group_sums: dict = {}
         self._gsum_mats: dict = {}
+        self._nbits: dict = {}
 
     # tensors of the master ------------------------------------------------------------------------
     def tensor(self, name: str) -> np.ndarray:
@@ -232,14 +236,23 @@ class DecoderGraph:
             self._group_sums[key] = self.b.op("MatMul", [x, self._gsum_mats[mk]], f"group_sum_K{K}_G{G}")
         return self._group_sums[key]
 
+    def nbits(self, module: str) -> tuple[NBitsWeights, list]:
+        """A master linear's MatMulNBits weights and their initializers [B, scales, zero_points], made once (the
+        quantized embedding of a tied head shares them)."""
+        if module not in self._nbits:
+            b = self.b
+            w: NBitsWeights = prepare(self.master.linears[module], self.zero_point)
+            self.reports.append((module, w))
+            zp = w.zero_points if w.zero_points.dtype == np.uint8 else w.zero_points.astype(b.np)
+            self._nbits[module] = (w, [b.init(f"{module}.qweight", w.B), b.init(f"{module}.scales", w.scales.astype(b.np)),
+                                       b.init(f"{module}.zero_points", zp)])
+        return self._nbits[module]
+
     def linear(self, x: str, module: str) -> str:
         b = self.b
         if module in self.master.linears:
-            w: NBitsWeights = prepare(self.master.linears[module], self.zero_point)
-            self.reports.append((module, w))
-            ins = [x, b.init(f"{module}.qweight", w.B), b.init(f"{module}.scales", w.scales.astype(b.np))]
-            zp = w.zero_points if w.zero_points.dtype == np.uint8 else w.zero_points.astype(b.np)
-            ins.append(b.init(f"{module}.zero_points", zp))
+            w, inits = self.nbits(module)
+            ins = [x, *inits]
             y = b.op("MatMulNBits", ins, f"{module}/MatMulNBits", domain="com.microsoft", K=w.K, N=w.N, bits=w.bits,
                      block_size=w.block_size, accuracy_level=self.accuracy_level)
             if w.correction is not None:
@@ -280,9 +293,11 @@ class DecoderGraph:
             b._names.add(vi.name)
 
         # embedding
-        emb_name = "model.embed_tokens.weight"
-        emb = self.weight_init(emb_name, self.tensor(emb_name))
-        x = b.op("Gather", [emb, "input_ids"], "embed_tokens", axis=0)
+        if self.master.head_shares_embedding:  # the tied head is quantized: gather from its MatMulNBits weights
+            x = quantized_embedding(self, HEAD)
+        else:
+            emb = self.weight_init(EMBED, self.tensor(EMBED))
+            x = b.op("Gather", [emb, "input_ids"], "embed_tokens", axis=0)
 
         # rotary tables (batch, 1, seq, head_dim)
         inv, att_scale = inv_freq(self.cfg, d.head_dim)

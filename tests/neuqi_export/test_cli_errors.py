@@ -37,6 +37,7 @@ def _copy(src, dst):
     ("calib_short", "needs at least"),
     ("exists", "already exists"),
     ("imatrix_calib", "--imatrix replaces calibration text"),
+    ("head_bits", "--lm-head-bits 6 is not supported"),
 ])
 def test_bad_input(case, match, tmp_path, capsys, tiny_llama_dir, calib_file):
     model = tiny_llama_dir
@@ -57,6 +58,8 @@ def test_bad_input(case, match, tmp_path, capsys, tiny_llama_dir, calib_file):
         extra += ["--bits", "5"]
     elif case == "group":
         extra += ["--group-size", "48"]
+    elif case == "head_bits":
+        extra += ["--lm-head-bits", "6"]
     elif case == "nan":
         model = _copy(tiny_llama_dir, tmp_path / "m")
         f = next(model.glob("*.safetensors"))

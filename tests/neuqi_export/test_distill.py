@@ -181,3 +181,20 @@ def test_a_distilled_master_goes_through_every_exporter_unchanged(llama_master, 
         exporter.export(master, path, build_parser().parse_args(["export", str(d), "--to", fmt, "-o", str(path)]))
         got = float(window_nll(runtime_for(path).load(path).logits(ids.numpy()), ids).mean())
         assert abs(got / want - 1) < 0.03, (fmt, got, want)
+
+
+def test_a_quantized_head_stays_frozen(head_master, tiny_llama_dir, tmp_path, calib):
+    """NEUQI.md freezes lm_head: a quantized (tied) head keeps its scales and zeros, so the embedding the master
+    derives from it is the one the student was trained with."""
+    from neuqi_export.distill import build_student, trainable
+
+    path = head_master("llama", 4)
+    before = MasterCheckpoint.load(path)
+    assert not any(n.startswith("lm_head") or "embed" in n for n in trainable(build_student(before)))
+    distill(path, tiny_llama_dir, calib, tmp_path / "d", DistillOptions(nsamples=2, seqlen=32, steps=2), device="cpu",
+            progress=False)
+    after = MasterCheckpoint.load(tmp_path / "d")
+    a, b = before.linears["lm_head"], after.linears["lm_head"]
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale) and torch.equal(a.zero, b.zero)
+    assert after.head_shares_embedding and torch.equal(after.tensors["model.embed_tokens.weight"], b.dequantize())
+    assert not torch.equal(after.linears["model.layers.0.mlp.up_proj"].scale, before.linears["model.layers.0.mlp.up_proj"].scale)
