@@ -74,8 +74,9 @@ class QuantizeOptions:
                 raise UserError(f"--lm-head-bits {self.lm_head_bits} is not supported; use one of "
                                 f"{', '.join(map(str, SUPPORTED_BITS))}")
             if self.gguf_types:
-                raise UserError("--lm-head-bits does not combine with a GGUF type (--for-gguf): the type's mixture "
-                                "sets the output tensor's type; drop --lm-head-bits")
+                raise UserError("--lm-head-bits does not combine with quantizing on a GGUF type's lattice (--for-gguf, "
+                                "or convert --to gguf with --gguf-fit lattice): the type's mixture sets the output "
+                                "tensor's type; drop --lm-head-bits, or convert with --gguf-fit master")
         if self.gptq and not self.calibrate:
             raise UserError("--gptq needs calibration text (an imatrix holds only diag(H)); drop --gptq, or "
                             "calibrate instead of --no-calib/--imatrix")

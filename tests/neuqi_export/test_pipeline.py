@@ -171,6 +171,6 @@ def test_quantized_head_resumes_and_checks_options(tiny_llama_dir, tmp_path, cal
     a, b = MasterCheckpoint.load(tmp_path / "r"), MasterCheckpoint.load(tmp_path / "c")
     assert torch.equal(a.linears["lm_head"].codes, b.linears["lm_head"].codes)
     for bad, msg in ((dict(lm_head_bits=5), "--lm-head-bits 5 is not supported"),
-                     (dict(lm_head_bits=4, gguf_types={"x": "Q4_K"}), "does not combine with a GGUF type")):
+                     (dict(lm_head_bits=4, gguf_types={"x": "Q4_K"}), "does not combine with quantizing on a GGUF type")):
         with pytest.raises(UserError, match=msg):
             QuantizeOptions(**bad).validate()
