@@ -215,24 +215,23 @@ def export_compressed_tensors(master, out, scale_dtype: str = "fp32", refit: str
         fits = [(lin.shape[1], lin.group_size) for n, lin in master.linears.items()
                 if lin.bits == bits and ct_group_size(lin.shape[1], lin.group_size) is not None and n != HEAD]
         shared[bits] = shared_group_size(fits) if fits else None
+    head_note = "transformers' compressed-tensors loader leaves lm_head unquantized (its packed weights would be dropped)"
     for name, lin in master.linears.items():
         lin.validate(name)
         out_f, inp = lin.shape
+        if name == HEAD and master.head_shares_embedding:  # tied: the embedding written below holds its values
+            reports.append(TensorReport(name, "F32 (tied embedding)", True, note=head_note))
+            continue
         g = shared[lin.bits] if ct_group_size(inp, lin.group_size) is not None else None
+        if g is None or name == HEAD:
+            tensors[f"{name}.weight"] = lin.dequantize().float()
+            dense.append(name)
+            why = head_note if name == HEAD else f"in={inp}, group {lin.group_size}: no group size 32/64/128 fits"
+            reports.append(TensorReport(name, "F32 (dense)", True, note=why))
+            continue
         # the master's weights in float64 (so an integer-zero master refits with exactly zero added error)
         w = (expand_groups(lin.scale.double(), inp, lin.effective_group_size)
              * (lin.codes.double() - expand_groups(lin.zero.double(), inp, lin.effective_group_size)))
-        if g is None or name == HEAD:
-            if name == HEAD and master.head_shares_embedding:  # tied: the embedding written below holds its values
-                reports.append(TensorReport(name, "F32 (tied embedding)", True,
-                                            note="transformers' compressed-tensors loader leaves lm_head unquantized"))
-                continue
-            tensors[f"{name}.weight"] = lin.dequantize().float()
-            dense.append(name)
-            why = (f"in={inp}, group {lin.group_size}: no group size 32/64/128 fits" if name != HEAD else
-                   "transformers' compressed-tensors loader leaves lm_head unquantized (its packed weights would be dropped)")
-            reports.append(TensorReport(name, "F32 (dense)", True, note=why))
-            continue
         geff = inp if g == -1 else g
         # master parameters re-expressed on the export's groups (exact before the integer refit)
         cols = torch.arange(0, inp, geff)

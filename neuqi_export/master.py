@@ -115,8 +115,8 @@ class MasterCheckpoint:
 
     @property
     def head_shares_embedding(self) -> bool:
-        """True when the output head is quantized and tied: the embedding table is that one quantized matrix
-        (`tensors` then holds its dequantized copy, which is not written: load() derives it)."""
+        """True when the output head is quantized and tied: the embedding table is that one quantized matrix, not
+        written; load() puts its dequantized copy in `tensors`."""
         return bool(self.config.get("quantization_config", {}).get("lm_head", {}).get("tied_embedding")) \
             and isinstance(self.linears.get(HEAD), QuantizedLinear)
 

@@ -376,8 +376,8 @@ def quantize_model(model_dir, out, opts: QuantizeOptions, calib_text: str | None
                if not (n.endswith(".weight") and n[: -len(".weight")] in records)}
     if tied:
         tensors.pop("lm_head.weight", None)
-        if HEAD in records:  # the one shared matrix: the embedding is the quantized head (the master derives it)
-            tensors[EMBED] = records[HEAD].dequantize()
+        if HEAD in records:  # the one shared matrix: the embedding is the quantized head, derived on load
+            tensors.pop(EMBED, None)
     qcfg = {"quant_method": "neuqi", "bits": opts.bits, "group_size": opts.group_size, "init": opts.init,
             "gptq": opts.gptq, "act_order": opts.act_order, "static_groups": True, "nsamples": opts.nsamples,
             "seqlen": opts.seqlen, "seed": opts.seed, "percdamp": opts.percdamp, "calibrated": opts.calibrate,

@@ -236,28 +236,29 @@ class DecoderGraph:
             self._group_sums[key] = self.b.op("MatMul", [x, self._gsum_mats[mk]], f"group_sum_K{K}_G{G}")
         return self._group_sums[key]
 
-    def nbits(self, module: str) -> tuple[NBitsWeights, list]:
-        """A master linear's MatMulNBits weights and their initializers [B, scales, zero_points], made once (the
-        quantized embedding of a tied head shares them)."""
+    def nbits(self, module: str) -> tuple[NBitsWeights, list, str | None]:
+        """A master linear's MatMulNBits weights, their initializers [B, scales, zero_points] and that of the
+        zero-point correction (None without one), made once (the quantized embedding of a tied head shares them)."""
         if module not in self._nbits:
             b = self.b
             w: NBitsWeights = prepare(self.master.linears[module], self.zero_point)
             self.reports.append((module, w))
             zp = w.zero_points if w.zero_points.dtype == np.uint8 else w.zero_points.astype(b.np)
-            self._nbits[module] = (w, [b.init(f"{module}.qweight", w.B), b.init(f"{module}.scales", w.scales.astype(b.np)),
-                                       b.init(f"{module}.zero_points", zp)])
+            inits = [b.init(f"{module}.qweight", w.B), b.init(f"{module}.scales", w.scales.astype(b.np)),
+                     b.init(f"{module}.zero_points", zp)]
+            corr = None if w.correction is None else b.init(f"{module}.zp_correction", w.correction.astype(b.np))
+            self._nbits[module] = (w, inits, corr)
         return self._nbits[module]
 
     def linear(self, x: str, module: str) -> str:
         b = self.b
         if module in self.master.linears:
-            w, inits = self.nbits(module)
+            w, inits, corr_init = self.nbits(module)
             ins = [x, *inits]
             y = b.op("MatMulNBits", ins, f"{module}/MatMulNBits", domain="com.microsoft", K=w.K, N=w.N, bits=w.bits,
                      block_size=w.block_size, accuracy_level=self.accuracy_level)
-            if w.correction is not None:
-                corr = b.op("MatMul", [self._group_sum(x, w.K, w.group_size),
-                                       b.init(f"{module}.zp_correction", w.correction.astype(b.np))], f"{module}/zp_correction")
+            if corr_init is not None:
+                corr = b.op("MatMul", [self._group_sum(x, w.K, w.group_size), corr_init], f"{module}/zp_correction")
                 y = b.op("Add", [y, corr], f"{module}/add_correction")
         else:
             wt = self.tensor(f"{module}.weight")

@@ -105,8 +105,9 @@ def group_sum_matrix(K: int, group_size: int, dtype=np.float32) -> np.ndarray:
     return m
 
 
-def prepare(lin, zero_point: str = "fast") -> NBitsWeights:
-    """A master QuantizedLinear -> NBitsWeights (float32 parameters; the graph casts to fp16 if asked)."""
+def prepare(lin, zero_point: str = "fast", container_bits: int | None = None) -> NBitsWeights:
+    """A master QuantizedLinear -> NBitsWeights (float32 parameters; the graph casts to fp16 if asked).
+    container_bits: store the codes in a wider container than the default (2/4/8 as they are, 3 in 4)."""
     if zero_point not in ZERO_POINT_MODES:
         raise UserError(f"zero-point form '{zero_point}' is unknown; use one of {', '.join(ZERO_POINT_MODES)}")
     codes = lin.codes.cpu().numpy().astype(np.uint8)
@@ -114,7 +115,9 @@ def prepare(lin, zero_point: str = "fast") -> NBitsWeights:
     mbits = int(lin.bits)
     if mbits not in (2, 3, 4, 8):
         raise UserError(f"{mbits}-bit codes have no MatMulNBits container; re-quantize with --bits 2, 3, 4 or 8")
-    bits = 4 if mbits == 3 else mbits
+    bits = container_bits or (4 if mbits == 3 else mbits)
+    if bits < mbits or bits not in (2, 4, 8):
+        raise ValueError(f"no {bits}-bit container for {mbits}-bit codes")
     G = K if lin.group_size == -1 else min(int(lin.group_size), K)
     bs = choose_block_size(K, -1 if G == K else G)
     kb = -(-K // bs)

@@ -72,8 +72,9 @@ def test_gguf(head_master, tmp_path, arch, head_bits):
 @pytest.mark.parametrize("head_bits", [2, 4, 8])
 @pytest.mark.parametrize("zero_point", ["fast", "float"])
 def test_onnx_tied_gathers_the_quantized_head(head_master, tmp_path, head_bits, zero_point):
-    """The embedding is a GatherBlockQuantized on the lm_head MatMulNBits' own weights (4/8-bit: one shared B;
-    2-bit: a 4-bit copy), no float (vocab, hidden) table; logits equal the master's (fp32 activations)."""
+    """The embedding is a GatherBlockQuantized on the lm_head MatMulNBits' own weights (4/8-bit: one shared B,
+    zero points and correction; 2-bit: a 4-bit copy), no float (vocab, hidden) table; logits equal the master's
+    (fp32 activations)."""
     from converters.onnx import export_onnx
     from runtimes.onnxruntime import load
 
@@ -87,8 +88,10 @@ def test_onnx_tied_gathers_the_quantized_head(head_master, tmp_path, head_bits, 
     vocab, hidden = master.linears["lm_head"].shape
     big = [t.name for t in model.graph.initializer if list(t.dims) in ([vocab, hidden], [hidden, vocab])]
     assert big == []
-    gather_data = [t.name for t in model.graph.initializer if t.name == "lm_head.gather_data"]
-    assert bool(gather_data) == (head_bits == 2)
+    own = {t.name for t in model.graph.initializer if t.name.startswith("lm_head.gather_")}
+    assert ("lm_head.gather_data" in own) == (head_bits == 2)
+    # the fast form's uint8 zero points and correction (always the form at 8 bits) are the lm_head node's own
+    assert (own - {"lm_head.gather_data"} == set()) == (head_bits == 8 or (head_bits == 4 and zero_point == "fast"))
     ids = _ids(path)
     assert _rel(load(out).logits(ids), _reference(master, ids)) < 1e-5
 
