@@ -218,9 +218,11 @@ def cmd_export(args) -> int:
 
     out = Path(args.output)
     _check_output(out, args.force)
+    t0 = time.perf_counter()
     master = MasterCheckpoint.load(args.source)
     report = load_all()[args.to].export(master, out, args)
     print(report.summary())
+    print(f"time: export {time.perf_counter() - t0:.1f} s")
     return 0
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -21,15 +20,19 @@ from tqdm.auto import tqdm
 from .arch import get_blocks, read_model_dir
 from .atomic import atomic_file
 from .errors import UserError
-from .gptq import gptq_quantize, weighted_error
+from .gptq import GPTQFactor, gptq_quantize, weighted_error
 from .hessian import HessianAccumulator
 from .master import EMBED, HEAD, GGUFLinear, MasterCheckpoint, QuantizedLinear
 from .partial import discard_stale, mark, partial_dir
 from .quant.grid import dequantize, quantize_codes
 from .quant.params import init_params
+from .replay import BlockReplay, default_budget
 from .safetensors_io import save_file
+from .timing import StageTimer
 
 SUPPORTED_BITS = (2, 3, 4, 8)
+# the wall time per stage of the run that wrote a master, beside its config (the one file that differs run to run)
+TIMING_FILE = "quantize_timing.json"
 INIT_METHODS = ("minmax", "mse", "neuqi_int", "neuqi")
 # Methods whose objective uses the calibration diag(H); minmax and mse are data-free by definition.
 USES_HDIAG = ("neuqi_int", "neuqi")
@@ -90,11 +93,13 @@ class QuantizeSummary:
     hessian_loss: float  # Σ_layers tr(ΔW H ΔWᵀ)
     resumed_blocks: int = 0
     per_layer: dict = field(default_factory=dict)
+    timing: str = ""  # StageTimer.report(): wall time per stage
 
     def __str__(self) -> str:
         return (f"quantized {self.layers} linears in {self.seconds:.1f} s; summed diag-H loss {self.diag_loss:.6g}, "
                 f"summed full-H loss {self.hessian_loss:.6g}"
-                + (f" (resumed after {self.resumed_blocks} finished blocks)" if self.resumed_blocks else ""))
+                + (f" (resumed after {self.resumed_blocks} finished blocks)" if self.resumed_blocks else "")
+                + (f"\n{self.timing}" if self.timing else ""))
 
 
 class _StopForward(Exception):
@@ -196,10 +201,13 @@ def _load_block(path: Path, names: list, opts: QuantizeOptions) -> tuple[dict, d
 
 
 def quantize_linear(W: torch.Tensor, H: torch.Tensor | None, opts: QuantizeOptions, name: str | None = None,
-                    importance: torch.Tensor | None = None) -> tuple[QuantizedLinear | GGUFLinear, dict, torch.Tensor]:
+                    importance: torch.Tensor | None = None, timer: StageTimer | None = None,
+                    factor: GPTQFactor | None = None) -> tuple[QuantizedLinear | GGUFLinear, dict, torch.Tensor]:
     """Init params for every group of W (from the original W), then GPTQ or round-to-nearest; a linear
     that opts.gguf_types names is quantized on its GGUF type's lattice instead. importance: an imatrix h
-    (n_in,) used as diag(H) when there is no H (damped like H). Returns (record, losses, dequantized W)."""
+    (n_in,) used as diag(H) when there is no H (damped like H); factor: GPTQFactor.of(H) shared by a subset.
+    Returns (record, losses, dequantized W)."""
+    timer = timer or StageTimer()
     if not torch.isfinite(W).all():
         raise UserError("a weight contains NaN/Inf; repair the model before quantizing")
     if H is not None:
@@ -212,59 +220,81 @@ def quantize_linear(W: torch.Tensor, H: torch.Tensor | None, opts: QuantizeOptio
     if opts.gguf_types and name in opts.gguf_types:
         from converters.gguf.lattice import quantize_for_type
 
-        res = quantize_for_type(W, H, hdiag, opts.gguf_types[name], gptq=opts.gptq, act_order=opts.act_order)
+        res = quantize_for_type(W, H, hdiag, opts.gguf_types[name], gptq=opts.gptq, act_order=opts.act_order,
+                                timer=timer, factor=factor)
         deq = res.deq.to(W.device)
         rec = GGUFLinear(torch.from_numpy(res.data), opts.gguf_types[name], tuple(W.shape), hdiag.cpu())
     else:
         has_h = H is not None or importance is not None
-        scale, zero = init_params(W, opts.bits, opts.group_size, method=opts.init,
-                                  hdiag=hdiag if (opts.init in USES_HDIAG and has_h) else None)
+        with timer.stage("fit"):
+            scale, zero = init_params(W, opts.bits, opts.group_size, method=opts.init,
+                                      hdiag=hdiag if (opts.init in USES_HDIAG and has_h) else None)
         eff_gs = W.shape[1] if opts.group_size == -1 else opts.group_size
         if opts.gptq:
-            codes = gptq_quantize(W, H, scale, zero, opts.bits, opts.group_size, act_order=opts.act_order)
+            with timer.stage("gptq"):
+                codes = gptq_quantize(W, H, scale, zero, opts.bits, opts.group_size, act_order=opts.act_order,
+                                      factor=factor)
         else:
             codes = quantize_codes(W, scale, zero, opts.bits, eff_gs)
         deq = dequantize(codes, scale, zero, eff_gs)
         rec = QuantizedLinear(codes.cpu(), scale.float().cpu(), zero.float().cpu(), opts.bits, opts.group_size,
                               hdiag.cpu())
-    losses = {"diag": float(((W.double() - deq.double()) ** 2 * hdiag.double()).sum())}
-    losses["hessian"] = weighted_error(W, deq, H) if H is not None else losses["diag"]
+    with timer.stage("loss"):
+        losses = {"diag": float(((W.double() - deq.double()) ** 2 * hdiag.double()).sum())}
+        losses["hessian"] = weighted_error(W, deq, H) if H is not None else losses["diag"]
     return rec, losses, deq
 
 
 @torch.no_grad()
 def _quantize_block(block, k: int, prefix: str, spec, inputs: list, kwargs: dict, opts: QuantizeOptions, device,
-                    bar, importance: dict | None = None) -> tuple[dict, dict]:
+                    bar, importance: dict | None = None, timer: StageTimer | None = None,
+                    replay: BlockReplay | None = None) -> tuple[dict, dict]:
+    """Quantize block k's linears subset by subset, each subset's H collected over `inputs` with the earlier
+    subsets quantized; `replay` (if given) returns what earlier passes already computed (replay.py)."""
+    timer = timer or StageTimer()
     records, losses = {}, {}
     layers = tqdm(total=len(spec.linear_names), desc=f"block {k} linears", unit="linear", leave=False,
                   disable=bar.disable)
-    for subset in spec.subsets:
+    for done, subset in enumerate(spec.subsets):
         first = _submodule(block, subset[0])
         H = None
         if opts.calibrate:
             acc = HessianAccumulator(first.in_features, device=device)
 
             def hook(module, args):
-                acc.add(args[0])
+                with timer.stage("hessian"):
+                    acc.add(args[0])
                 raise _StopForward  # nothing after this subset's input is needed
 
             handle = first.register_forward_pre_hook(hook)
+            if replay is not None:
+                replay.begin_pass(done)
             try:
-                for x in inputs:
-                    try:
-                        block(x.to(device), **kwargs)
-                    except _StopForward:
-                        pass
+                with timer.stage("calibration forward"):
+                    for w, x in enumerate(inputs):
+                        if replay is not None:
+                            replay.window = w
+                        try:
+                            block(x.to(device), **kwargs)
+                        except _StopForward:
+                            pass
             finally:
                 handle.remove()
+                if replay is not None:
+                    replay.end_pass()
             H = acc.damped(opts.percdamp)
+        factor = None
+        if opts.gptq and H is not None:  # one inverse Cholesky per subset: its linears share H
+            with timer.stage("gptq"):
+                factor = GPTQFactor.of(H, opts.act_order, device)
         for name in subset:
             lin = _submodule(block, name)
             full = f"{prefix}.{k}.{name}"
             W = lin.weight.data.to(torch.float32)
             if not torch.isfinite(W).all():
                 raise UserError(f"weight '{full}.weight' contains NaN/Inf; repair the model before quantizing")
-            rec, loss, deq = quantize_linear(W, H, opts, full, None if importance is None else importance.get(full))
+            rec, loss, deq = quantize_linear(W, H, opts, full, None if importance is None else importance.get(full),
+                                             timer=timer, factor=factor)
             lin.weight.data = deq.to(device, lin.weight.dtype)
             records[full], losses[full] = rec, loss
             layers.set_postfix_str(f"{name} loss {loss['hessian']:.3g}")
@@ -275,7 +305,7 @@ def _quantize_block(block, k: int, prefix: str, spec, inputs: list, kwargs: dict
 
 @torch.no_grad()
 def _quantize_head(model, hidden: list, opts: QuantizeOptions, device, part_file: Path, importance: dict | None,
-                   progress: bool) -> tuple[QuantizedLinear, dict]:
+                   progress: bool, timer: StageTimer) -> tuple[QuantizedLinear, dict]:
     """Quantize the output head (`lm_head`; for tied embeddings the shared matrix) at opts.lm_head_bits with the
     body's group size, init and GPTQ, its H from the final norm's outputs on the last block's outputs `hidden`.
     Resumable: the record is kept in `part_file` until the master is written."""
@@ -292,33 +322,52 @@ def _quantize_head(model, hidden: list, opts: QuantizeOptions, device, part_file
         norm = model.model.norm.to(device)
         acc = HessianAccumulator(W.shape[1], device=device)
         for x in tqdm(hidden, desc="lm_head", unit="window", disable=not progress, leave=False):
-            acc.add(norm(x.to(device)))
+            with timer.stage("calibration forward"):
+                y = norm(x.to(device))
+            with timer.stage("hessian"):
+                acc.add(y)
         norm.to("cpu")
         H = acc.damped(opts.percdamp)
     imp = None if importance is None else importance.get(HEAD)
-    rec, loss, _ = quantize_linear(W.to(device), H, head_opts, HEAD, imp)
-    _save_block(part_file, {HEAD: rec}, {HEAD: loss})
+    rec, loss, _ = quantize_linear(W.to(device), H, head_opts, HEAD, imp, timer=timer)
+    with timer.stage("write"):
+        _save_block(part_file, {HEAD: rec}, {HEAD: loss})
     return rec, loss
 
 
 @torch.no_grad()
-def _block_outputs(block, inputs: list, kwargs: dict, device) -> list:
-    return [block(x.to(device), **kwargs).detach().cpu() for x in inputs]
+def _block_outputs(block, inputs: list, kwargs: dict, device, replay: BlockReplay | None = None,
+                   done: int = 0) -> list:
+    """The block's output for every window (CPU); `replay`: after `done` subsets were quantized in it."""
+    if replay is None:
+        return [block(x.to(device), **kwargs).detach().cpu() for x in inputs]
+    replay.begin_pass(done, last=True)
+    try:
+        out = []
+        for w, x in enumerate(inputs):
+            replay.window = w
+            out.append(block(x.to(device), **kwargs).detach().cpu())
+        return out
+    finally:
+        replay.close()
 
 
 def quantize_model(model_dir, out, opts: QuantizeOptions, calib_text: str | None = None, device: str = "cpu",
-                   force: bool = False, progress: bool = True) -> QuantizeSummary:
-    """Quantize the HF model in `model_dir` into a master checkpoint at `out` (atomic, resumable)."""
+                   force: bool = False, progress: bool = True, replay_budget: int | None = None) -> QuantizeSummary:
+    """Quantize the HF model in `model_dir` into a master checkpoint at `out` (atomic, resumable).
+    replay_budget: bytes for replayed sub-module outputs within a block (replay.py; 0 turns replay off; None:
+    a quarter of the free memory). It changes no result, only the time."""
     from .data import calibration_windows
     from .modeling import check_finite_weights, load_hf_model
 
-    t0 = time.time()
+    timer = StageTimer()
     opts.validate()
     model_dir, _, spec = read_model_dir(model_dir)
     out = Path(out)
     if out.exists() and not force:
         raise UserError(f"output '{out}' already exists; choose another -o or pass --force")
     device = resolve_device(device)
+    budget = default_budget(device) if replay_budget is None else int(replay_budget)
     if opts.calibrate and calib_text is None:
         raise UserError("no calibration text given; pass --calib FILE (or --no-calib for data-free init)")
     importance = None
@@ -328,23 +377,24 @@ def quantize_model(model_dir, out, opts: QuantizeOptions, calib_text: str | None
         if not Path(opts.imatrix).is_file():
             raise UserError(f"imatrix file '{opts.imatrix}' does not exist; pass a llama.cpp imatrix (.gguf or .dat)")
         importance = read_imatrix(opts.imatrix, json.loads((model_dir / "config.json").read_text()))
-    model, tokenizer, config = load_hf_model(model_dir)
-    check_finite_weights(model)
-    blocks = get_blocks(model, spec)
-    prefix = spec.blocks_path
-
-    if opts.calibrate:
-        windows = calibration_windows(tokenizer, calib_text, opts.nsamples, opts.seqlen, seed=opts.seed)
-    else:
-        windows = torch.zeros(1, 2, dtype=torch.long)  # one tiny window: only shapes flow, no H is collected
+    with timer.stage("load"):
+        model, tokenizer, config = load_hf_model(model_dir)
+        check_finite_weights(model)
+        blocks = get_blocks(model, spec)
+        prefix = spec.blocks_path
+        if opts.calibrate:
+            windows = calibration_windows(tokenizer, calib_text, opts.nsamples, opts.seqlen, seed=opts.seed)
+        else:
+            windows = torch.zeros(1, 2, dtype=torch.long)  # one tiny window: only shapes flow, no H is collected
 
     partial = partial_dir(out)
     fp = _fingerprint(model_dir, opts, calib_text)
     discard_stale(partial, fp)
     mark(partial, fp, asdict(opts))
 
-    inputs, kwargs = capture_block_inputs(model, blocks, windows, device, progress=progress and opts.calibrate)
-    kwargs = _to(kwargs, device)
+    with timer.stage("calibration forward"):
+        inputs, kwargs = capture_block_inputs(model, blocks, windows, device, progress=progress and opts.calibrate)
+        kwargs = _to(kwargs, device)
 
     records, losses, resumed = {}, {}, 0
     bar = tqdm(range(len(blocks)), desc="blocks", unit="block", disable=not progress)
@@ -352,24 +402,33 @@ def quantize_model(model_dir, out, opts: QuantizeOptions, calib_text: str | None
         block = blocks[k].to(device)
         names = [f"{prefix}.{k}.{n}" for n in spec.linear_names]
         block_file = partial / f"block_{k:04d}.safetensors"
-        if block_file.exists():
-            recs, ls = _load_block(block_file, names, opts)
-            for n, rec in recs.items():
-                lin = _submodule(block, n[len(f"{prefix}.{k}.") :])
-                lin.weight.data = rec.dequantize().to(device, lin.weight.dtype)
+        replay = None
+        if block_file.exists():  # finished in an earlier run: its records, and the block's outputs recomputed
+            with timer.stage("resume"):
+                recs, ls = _load_block(block_file, names, opts)
+                for n, rec in recs.items():
+                    lin = _submodule(block, n[len(f"{prefix}.{k}.") :])
+                    lin.weight.data = rec.dequantize().to(device, lin.weight.dtype)
             resumed += 1
         else:
-            recs, ls = _quantize_block(block, k, prefix, spec, inputs, kwargs, opts, device, bar, importance)
-            _save_block(block_file, recs, ls)
+            if opts.calibrate and budget > 0:
+                replay = BlockReplay(block, spec.subsets, len(inputs), budget)
+            recs, ls = _quantize_block(block, k, prefix, spec, inputs, kwargs, opts, device, bar, importance, timer,
+                                       replay)
+            with timer.stage("write"):
+                _save_block(block_file, recs, ls)
         records.update(recs)
         losses.update(ls)
         if k + 1 < len(blocks) or opts.lm_head_bits is not None:
-            inputs = _block_outputs(block, inputs, kwargs, device)
+            with timer.stage("calibration forward"):
+                inputs = _block_outputs(block, inputs, kwargs, device, replay, len(spec.subsets))
+        elif replay is not None:
+            replay.close()
         blocks[k] = block.to("cpu")
     tied = bool(config.get("tie_word_embeddings", False))
     if opts.lm_head_bits is not None:
         rec, loss = _quantize_head(model, inputs, opts, device, partial / "lm_head.safetensors", importance,
-                                   progress=not bar.disable)
+                                   progress=not bar.disable, timer=timer)
         records[HEAD], losses[HEAD] = rec, loss
 
     tensors = {n: t.detach().cpu() for n, t in model.state_dict().items()
@@ -386,12 +445,17 @@ def quantize_model(model_dir, out, opts: QuantizeOptions, calib_text: str | None
         qcfg["lm_head"] = {"bits": opts.lm_head_bits, "tied_embedding": tied}
     master = MasterCheckpoint(config={**config, "quantization_config": qcfg}, linears=records, tensors=tensors,
                               tokenizer_dir=model_dir)
-    master.save(out, overwrite=force)
+    with timer.stage("write"):
+        master.save(out, overwrite=force)
+    times = timer.ordered()
+    (out / TIMING_FILE).write_text(json.dumps({"seconds": {k: round(v, 3) for k, v in times.items()},
+                                               "total": round(timer.total(), 3), "device": str(device),
+                                               "threads": torch.get_num_threads()}, indent=1) + "\n")
     shutil.rmtree(partial, ignore_errors=True)
     return QuantizeSummary(
-        seconds=time.time() - t0, layers=len(records),
+        seconds=timer.total(), layers=len(records),
         diag_loss=sum(v["diag"] for v in losses.values()), hessian_loss=sum(v["hessian"] for v in losses.values()),
-        resumed_blocks=resumed, per_layer=losses,
+        resumed_blocks=resumed, per_layer=losses, timing=timer.report(),
     )
 
 

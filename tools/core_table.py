@@ -9,7 +9,6 @@ so an interrupted run resumes.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import time
@@ -26,6 +25,7 @@ from neuqi_export.evaluate import perplexity_hf  # noqa: E402
 from neuqi_export.master import MasterCheckpoint  # noqa: E402
 from neuqi_export.modeling import load_hf_model, master_to_hf  # noqa: E402
 from neuqi_export.pipeline import QuantizeOptions, quantize_model  # noqa: E402
+from tools.cells import Cells  # noqa: E402
 
 
 def main() -> None:
@@ -51,14 +51,7 @@ def main() -> None:
     model, tok, _ = load_hf_model(assets.model_dir)
     windows = eval_windows(tok, read_text(assets.eval_text), args.eval_seqlen, max_windows=args.eval_windows)
 
-    def cell(key: str, fn):
-        f = work / f"{key}.json"
-        if f.exists():
-            return json.loads(f.read_text())
-        res = fn()
-        f.write_text(json.dumps(res))
-        print(key, res, flush=True)
-        return res
+    cell = Cells(work).get
 
     def fp16():
         t0 = time.time()

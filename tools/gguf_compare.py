@@ -45,6 +45,7 @@ from neuqi_export.data import eval_windows, read_text  # noqa: E402
 from neuqi_export.evaluate import perplexity_from_logits_fn  # noqa: E402
 from neuqi_export.master import MasterCheckpoint  # noqa: E402
 from neuqi_export.pipeline import SUPPORTED_BITS, QuantizeOptions, quantize_model  # noqa: E402
+from tools.cells import Cells  # noqa: E402
 
 
 ABOUT = """## What the rows are
@@ -177,22 +178,20 @@ def main() -> None:
     gptq = not args.no_gptq
     tag = f"{args.init}{'-gptq' if gptq else ''}-g{args.group_size}-n{args.nsamples}x{args.seqlen}"
 
+    cells = Cells(work, f".eval{args.eval_seqlen}x{args.eval_windows}")
+
     def cell(key: str, gguf_path_fn):
-        f = work / f"{key}.eval{args.eval_seqlen}x{args.eval_windows}.json"
-        if f.exists():
-            return json.loads(f.read_text())
-        path = gguf_path_fn()
-        t0 = time.time()
-        scorer = LlamaCppScorer(path, n_ctx=args.eval_seqlen, n_threads=args.threads)
-        try:
-            r = perplexity_from_logits_fn(scorer.logits, windows, progress=False)
-        finally:
-            scorer.close()
-        res = {"ppl": r.ppl, "bytes": Path(path).stat().st_size, "windows": r.windows, "seqlen": r.seqlen,
-               "tokens": r.tokens, "file": str(path), "eval_s": round(time.time() - t0, 1)}
-        f.write_text(json.dumps(res))
-        print(key, res, flush=True)
-        return res
+        def measure():
+            path = gguf_path_fn()
+            t0 = time.time()
+            scorer = LlamaCppScorer(path, n_ctx=args.eval_seqlen, n_threads=args.threads)
+            try:
+                r = perplexity_from_logits_fn(scorer.logits, windows, progress=False)
+            finally:
+                scorer.close()
+            return {"ppl": r.ppl, "bytes": Path(path).stat().st_size, "windows": r.windows, "seqlen": r.seqlen,
+                    "tokens": r.tokens, "file": str(path), "eval_s": round(time.time() - t0, 1)}
+        return cells.get(key, measure)
 
     def get_master(preset: str, want: str = "auto", lattice: bool = False, rtn: bool = False,
                    imatrix: Path | None = None) -> Path:

@@ -34,6 +34,7 @@ from neuqi_export.demo import _weights_size, ppl_of, score  # noqa: E402
 from neuqi_export.master import MasterCheckpoint  # noqa: E402
 from neuqi_export.pipeline import QuantizeOptions, quantize_model  # noqa: E402
 from runtimes.registry import load_all as load_runtimes  # noqa: E402
+from tools.cells import Cells  # noqa: E402
 
 FORMATS = {  # name -> (runtime, exporter, file name)
     "GGUF Q4_1": ("llamacpp", lambda m, o: export_gguf(m, o, qtype="Q4_1"), "model.gguf"),
@@ -72,15 +73,13 @@ def main() -> None:
     runtimes = load_runtimes()
 
     def cell(key: str, runtime: str, path: Path, w) -> dict:
-        f = work / f"{key}.e{w.shape[0]}x{w.shape[1]}.json"
-        if f.exists():
-            return json.loads(f.read_text())
-        t0 = time.time()
-        r = score(runtimes[runtime], path, w, args.decode_tokens if runtime != "mlx" else 0, progress=False)
-        r.update(bytes=_weights_size(path), runtime=runtime, seconds=round(time.time() - t0, 1))
-        f.write_text(json.dumps(r))
-        print(key, {k: v for k, v in r.items() if k != "nll"}, flush=True)
-        return r
+        def measure():
+            t0 = time.time()
+            r = score(runtimes[runtime], path, w, args.decode_tokens if runtime != "mlx" else 0, progress=False)
+            r.update(bytes=_weights_size(path), runtime=runtime, seconds=round(time.time() - t0, 1))
+            return r
+        cells = Cells(work, f".e{w.shape[0]}x{w.shape[1]}", show=lambda r: {k: v for k, v in r.items() if k != "nll"})
+        return cells.get(key, measure)
 
     rows = []
     for bits, hb in ((b, h) for b in args.bits for h in args.head_bits):

@@ -13,7 +13,8 @@ Rows:
   genai builder      python -m onnxruntime_genai.models.builder -i HF_DIR -o DIR -p int4 -e cpu
                      --extra_options block_size=B [is_symmetric=false] [shared_embeddings=false]
 Perplexity: runtimes/onnxruntime.py (OnnxRuntimeScorer) on neuqi_export.data.eval_windows; the builder's graph
-has no position_ids input and a symbolic head dim, so it is read through a small adapter (ExternalScorer below).
+has no position_ids input and a symbolic head dim, so it is read through a small adapter (ExternalScorer,
+tools/onnx_scoring.py).
 Tokens/s: one onnxruntime session per row with --threads intra-op threads; prefill = logits of a --prefill-len
 window from an empty cache (best of --repeats), decode = greedy steps of one token through the KV cache after
 a --decode-prompt prompt (median step time). Sizes: the model.onnx* files (weights), not the tokenizer.
@@ -35,7 +36,6 @@ import logging
 import os
 import shlex
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -44,10 +44,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-MODEL_FILES = ("model.onnx", "model.onnx.data")
 
-
-def parse_args():
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bits", type=int, nargs="*", default=[2, 3, 4], help="our master widths")
     ap.add_argument("--acc1-bits", type=int, nargs="*", default=[3, 4], help="widths also exported at accuracy_level 1")
@@ -82,115 +80,33 @@ def parse_args():
     ap.add_argument("--device", default="cpu", help="device for quantizing a missing master")
     ap.add_argument("--work", default=str(ROOT / "out" / "onnx_compare"))
     ap.add_argument("--output", default=str(ROOT / "docs" / "ONNX_COMPARE.md"))
-    return ap.parse_args()
-
-
-ARGS = parse_args()
-os.environ.setdefault("OMP_NUM_THREADS", str(ARGS.threads))
-
-import numpy as np  # noqa: E402
-import onnx  # noqa: E402
-import onnxruntime as ort  # noqa: E402
-import torch  # noqa: E402
-
-from converters.onnx import export_onnx  # noqa: E402
-from neuqi_export.assets import fetch_assets  # noqa: E402
-from neuqi_export.data import eval_windows, read_text  # noqa: E402
-from neuqi_export.evaluate import perplexity_from_logits_fn, perplexity_hf  # noqa: E402
-from neuqi_export.master import MasterCheckpoint  # noqa: E402
-from neuqi_export.pipeline import QuantizeOptions, quantize_model  # noqa: E402
-from runtimes.onnxruntime import _PAST, OnnxRuntimeScorer, _model_file  # noqa: E402
-from tools.onnx_compare_doc import write_doc  # noqa: E402
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# scoring
-class _FeedFilter:
-    """An InferenceSession that drops feeds the graph does not declare (e.g. position_ids)."""
-
-    def __init__(self, session):
-        self._s = session
-        self._names = {i.name for i in session.get_inputs()}
-
-    def run(self, output_names, feed, *a, **kw):
-        return self._s.run(output_names, {k: v for k, v in feed.items() if k in self._names}, *a, **kw)
-
-    def __getattr__(self, name):
-        return getattr(self._s, name)
-
-
-class ExternalScorer(OnnxRuntimeScorer):
-    """OnnxRuntimeScorer for decoders written by other tools: same past_key_values.N / present.N names, but
-    position_ids may be absent (onnxruntime-genai's builder computes positions inside GroupQueryAttention) and
-    the KV head dim may be symbolic (taken from genai_config.json's head_size or the HF config)."""
-
-    def __init__(self, path, n_threads: int, head_dim: int):
-        self.path = _model_file(path)
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = int(n_threads)
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        sess = ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"])
-        self.session = _FeedFilter(sess)
-        self.inputs = {i.name: i for i in sess.get_inputs()}
-        self.past_names = sorted((n for n in self.inputs if _PAST.match(n)),
-                                 key=lambda n: (int(_PAST.match(n).group(1)), _PAST.match(n).group(2)))
-        self.n_layers = len(self.past_names) // 2
-        k0 = self.inputs[self.past_names[0]]
-        self.kv_heads = int(k0.shape[1])
-        self.head_dim = k0.shape[3] if isinstance(k0.shape[3], int) else int(head_dim)
-        self.dtype = np.float16 if "float16" in k0.type else np.float32
-        self.outputs = [o.name for o in sess.get_outputs()]
-        self.n_vocab = int(sess.get_outputs()[0].shape[-1])
-
-
-def open_scorer(path: Path, head_dim: int):
-    names = {i.name for i in onnx.load(str(_model_file(path)), load_external_data=False).graph.input}
-    if "position_ids" in names:
-        return OnnxRuntimeScorer(path, n_threads=ARGS.threads, providers=["CPUExecutionProvider"])
-    return ExternalScorer(path, ARGS.threads, head_dim)
-
-
-def speed(scorer, window: torch.Tensor, passes: int = 2) -> dict:
-    ids = window[: ARGS.prefill_len].numpy()[None]
-    scorer.logits(ids)  # warm-up
-    t = []
-    for _ in range(ARGS.repeats):
-        t0 = time.perf_counter()
-        scorer.logits(ids)
-        t.append(time.perf_counter() - t0)
-    prefill = ids.shape[1] / min(t)
-
-    prompt = window[: ARGS.decode_prompt].numpy()[None]
-    steps = []
-    for _ in range(passes):
-        logits, past = scorer.step(prompt, scorer._empty_past(1), 0)
-        n = prompt.shape[1]
-        for _ in range(ARGS.decode_tokens):
-            tok = np.array([[int(np.argmax(logits[0, -1]))]], dtype=np.int64)
-            t0 = time.perf_counter()
-            logits, past = scorer.step(tok, past, n)
-            steps.append(time.perf_counter() - t0)
-            n += 1
-    return {"prefill_tok_s": prefill, "prefill_len": int(ids.shape[1]), "decode_tok_s": 1.0 / statistics.median(steps),
-            "decode_prompt": int(prompt.shape[1]), "decode_tokens": ARGS.decode_tokens}
-
-
-def weight_bytes(d: Path) -> int:
-    d = Path(d)
-    files = [d / f for f in MODEL_FILES] if d.is_dir() else [d]
-    return sum(f.stat().st_size for f in files if f.is_file())
-
-
-MASTERS: dict[int, Path] = {}  # bits -> master directory used
+    return ap.parse_args(argv)
 
 
 class _Skip(Exception):
     pass
 
 
-# ---------------------------------------------------------------------------------------------------------------
 def main() -> None:
-    args = ARGS
+    args = parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))  # before numpy / onnxruntime / torch are imported
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    from converters.onnx import export_onnx
+    from neuqi_export.assets import fetch_assets
+    from neuqi_export.data import eval_windows, read_text
+    from neuqi_export.evaluate import perplexity_from_logits_fn, perplexity_hf
+    from neuqi_export.master import MasterCheckpoint
+    from neuqi_export.pipeline import QuantizeOptions, quantize_model
+    from runtimes.onnxruntime import OnnxRuntimeScorer
+    from tools.cells import Cells
+    from tools.onnx_compare_doc import write_doc
+    from tools.onnx_scoring import open_scorer, speed, weight_bytes
+
+    masters: dict[int, Path] = {}  # bits -> master directory used
     command = " ".join(["OMP_NUM_THREADS=1 python tools/onnx_compare.py"] + [shlex.quote(a) for a in sys.argv[1:]])
     torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer
@@ -208,27 +124,21 @@ def main() -> None:
     print(f"eval windows: {tuple(windows.shape)} sha {ids_sha}; onnxruntime {ort.__version__}, {args.threads} thread(s)",
           flush=True)
 
-    def cached(name: str, fn) -> dict:
-        f = work / f"{name}.json"
-        if f.exists():
-            r = json.loads(f.read_text())
-            if r.get("ids_sha", ids_sha) != ids_sha:
-                raise SystemExit(f"{f} was measured on other token ids; delete it or use another --work")
-            return r
-        r = fn()
-        f.write_text(json.dumps(r, indent=1))
-        print(name, {k: v for k, v in r.items() if k != "path"}, flush=True)
-        return r
+    def same_ids(f: Path, r: dict) -> None:
+        if r.get("ids_sha", ids_sha) != ids_sha:
+            raise SystemExit(f"{f} was measured on other token ids; delete it or use another --work")
+
+    cached = Cells(work, indent=1, show=lambda r: {k: v for k, v in r.items() if k != "path"}, check=same_ids).get
 
     def measure(name: str, path_fn, extra: dict | None = None) -> dict:
         def run():
             path = Path(path_fn())
-            scorer = open_scorer(path, head_dim)
+            scorer = open_scorer(path, head_dim, args.threads)
             try:
                 t0 = time.time()
                 r = perplexity_from_logits_fn(scorer.logits, windows, progress=False)
                 eval_s = time.time() - t0
-                s = speed(scorer, windows[0])
+                s = speed(scorer, windows[0], args)
             finally:
                 scorer.close()
             return {"ppl": r.ppl, "windows": r.windows, "seqlen": r.seqlen, "tokens": r.tokens, "ids_sha": ids_sha,
@@ -241,7 +151,7 @@ def main() -> None:
         key = f"b{bits}_g{args.group_size}_{args.init}_gptq_n{args.nsamples}x{args.seqlen}"
         for d in (work / key, Path(args.masters_from) / key):
             if (d / "model.safetensors").is_file():
-                MASTERS[bits] = d
+                masters[bits] = d
                 return d
         opts = QuantizeOptions(bits=bits, group_size=args.group_size, init=args.init, gptq=True,
                                nsamples=args.nsamples, seqlen=args.seqlen)
@@ -250,7 +160,7 @@ def main() -> None:
         print(quantize_model(model_dir, work / key, opts, calib_text=read_text(assets.calib_text), device=args.device,
                              progress=False), flush=True)
         (work / f"{key}.time.json").write_text(json.dumps({"seconds": time.time() - t0}))
-        MASTERS[bits] = work / key
+        masters[bits] = work / key
         return work / key
 
     def torch_ref(bits: int | None) -> dict | None:
@@ -261,7 +171,7 @@ def main() -> None:
 
         name = "fp32" if bits is None else f"b{bits}_g{args.group_size}_{args.init}_gptq_n{args.nsamples}x{args.seqlen}"
         ct = Path(args.masters_from) / f"{name}.json"  # tools/core_table.py's cell for the master we use, same windows
-        ours_master = bits is None or (bits in MASTERS and MASTERS[bits].parent.resolve() == Path(args.masters_from).resolve())
+        ours_master = bits is None or (bits in masters and masters[bits].parent.resolve() == Path(args.masters_from).resolve())
         if ct.is_file() and ours_master:
             r = json.loads(ct.read_text())
             if r.get("tokens") == windows.shape[0] * (args.eval_seqlen - 1) and "ppl" in r:
@@ -355,7 +265,7 @@ def main() -> None:
         key = f"b{bits}_g{args.group_size}_{args.init}_gptq_n{args.nsamples}x{args.seqlen}"
         found = [d for d in (work / key, Path(args.masters_from) / key) if (d / "model.safetensors").is_file()]
         if found:
-            MASTERS[bits] = found[0]
+            masters[bits] = found[0]
         ref = torch_ref(bits)
         forms = [("fast", 4)] + ([("fast", 1)] if bits in args.acc1_bits else []) + \
                 ([("float", 4)] if bits in args.float_bits else [])
@@ -435,9 +345,9 @@ def main() -> None:
                 runs = sp.setdefault(c["path"], [])
                 if len(runs) > r:
                     continue
-                scorer = open_scorer(Path(c["path"]), head_dim)
+                scorer = open_scorer(Path(c["path"]), head_dim, args.threads)
                 try:
-                    runs.append({**speed(scorer, windows[0], passes=1), "at": time.strftime("%H:%M:%S")})
+                    runs.append({**speed(scorer, windows[0], args, passes=1), "at": time.strftime("%H:%M:%S")})
                 finally:
                     scorer.close()
                 f.write_text(json.dumps(sp, indent=1))
@@ -447,7 +357,7 @@ def main() -> None:
             c["prefill_tok_s"] = max(x["prefill_tok_s"] for x in runs)
             c["decode_tok_s"] = max(x["decode_tok_s"] for x in runs)
 
-    write_doc(args, command, rows, failures, gen, windows, ids_sha, MASTERS)
+    write_doc(args, command, rows, failures, gen, windows, ids_sha, masters)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ transformers, and cached as JSON in --work; an interrupted run resumes at the fi
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import shutil
 import sys
@@ -32,6 +31,7 @@ from neuqi_export.evaluate import perplexity_hf  # noqa: E402
 from neuqi_export.master import MasterCheckpoint  # noqa: E402
 from neuqi_export.modeling import load_hf_model, master_to_hf  # noqa: E402
 from neuqi_export.pipeline import QuantizeOptions, quantize_model  # noqa: E402
+from tools.cells import Cells  # noqa: E402
 
 INIT_COLORS = {"minmax": "tab:red", "mse": "tab:orange", "neuqi_int": "tab:blue", "neuqi": "tab:green"}
 
@@ -103,16 +103,11 @@ def main() -> None:
     model, tok, _ = load_hf_model(model_dir)
     windows = eval_windows(tok, read_text(assets.eval_text), args.eval_seqlen, max_windows=args.eval_windows)
 
-    def cached(key: str, fn) -> dict | None:
-        f = work / "cells" / f"{key}.json"
-        if f.exists():
-            return json.loads(f.read_text())
-        if args.write_only:
-            return None
-        res = fn()
-        f.write_text(json.dumps(res))
-        print(key, {k: round(v, 3) if isinstance(v, float) else v for k, v in res.items()}, flush=True)
-        return res
+    cells_cache = Cells(work / "cells", show=lambda res: {k: round(v, 3) if isinstance(v, float) else v
+                                                          for k, v in res.items()})
+
+    def cached(key: str, fn) -> dict | None:  # --write-only: a missing cell stays missing (None)
+        return cells_cache.get(key, None if args.write_only else fn)
 
     def ppl_of(path: Path) -> tuple[float, float]:
         t0 = time.time()
@@ -156,7 +151,7 @@ def main() -> None:
         if res is None:  # --write-only and not measured yet
             continue
         results[c["key"]] = res
-        later = [d for d in cells[i + 1:] if d["qkey"] == c["qkey"] and not (work / "cells" / f"{d['key']}.json").exists()]
+        later = [d for d in cells[i + 1:] if d["qkey"] == c["qkey"] and not cells_cache.path(d["key"]).exists()]
         if not later and not args.keep_masters:
             shutil.rmtree(masters / c["qkey"], ignore_errors=True)
     write_markdown(args, command, cells, results, fp32, windows)

@@ -17,7 +17,6 @@ Linux CPU build of MLX is slow, so the windows are few and short by default. Mas
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import time
@@ -34,6 +33,7 @@ from neuqi_export.demo import _weights_size, score  # noqa: E402
 from neuqi_export.master import MasterCheckpoint  # noqa: E402
 from neuqi_export.pipeline import QuantizeOptions, quantize_model  # noqa: E402
 from runtimes.registry import load_all as load_runtimes  # noqa: E402
+from tools.cells import Cells  # noqa: E402
 
 
 def parse_args():
@@ -76,17 +76,17 @@ def main() -> None:
                        progress=False)
         return work / key
 
+    cells = Cells(work, f".e{windows.shape[0]}x{windows.shape[1]}",
+                  show=lambda r: {k: v for k, v in r.items() if k != "nll"})
+
     def cell(key: str, runtime: str, make) -> dict:
-        f = work / f"{key}.e{windows.shape[0]}x{windows.shape[1]}.json"
-        if f.exists():
-            return json.loads(f.read_text())
-        path, extra = make()
-        t0 = time.time()
-        r = score(runtimes[runtime], path, windows, args.decode_tokens, progress=False)
-        r.update(extra, bytes=_weights_size(path), runtime=runtime, seconds=round(time.time() - t0, 1))
-        f.write_text(json.dumps(r))
-        print(key, {k: v for k, v in r.items() if k != "nll"}, flush=True)
-        return r
+        def measure():
+            path, extra = make()
+            t0 = time.time()
+            r = score(runtimes[runtime], path, windows, args.decode_tokens, progress=False)
+            r.update(extra, bytes=_weights_size(path), runtime=runtime, seconds=round(time.time() - t0, 1))
+            return r
+        return cells.get(key, measure)
 
     def exported(key: str, fn, src: Path):
         out = work / key

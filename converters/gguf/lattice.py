@@ -27,6 +27,8 @@ import numpy as np
 import torch
 
 from neuqi_export.errors import UserError
+from neuqi_export.gptq import GPTQFactor, TableColumns, gptq_with_rounding, nearest, nearest_affine
+from neuqi_export.timing import StageTimer
 
 from .kquants import fit_affine_blocks, fit_k_params, pack_k
 from .packers import QK, QK_K, fit_q6_k_params, fit_q8_0_params, pack_q4_1, pack_q5_1, pack_q6_k, pack_q8_0
@@ -127,24 +129,6 @@ def sub_block_values(lt: LatticeType, params: tuple, rows: int, n: int) -> np.nd
     return v0[..., None] + step[..., None] * np.arange(K, dtype=np.float32)
 
 
-def nearest(w: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest of `values` (..., K) for each w (...), ties to the lower index."""
-    return (w.unsqueeze(-1) - values).abs().argmin(-1)
-
-
-def nearest_affine(w: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """`nearest` for value sets that are affine in the code (v0 + step·k: every type here but IQ4_NL): the index
-    from (w - v0)/step, then the best of it and its two neighbours against the actual values (float32 spacing
-    is uniform only to an ulp), ties to the lower index; O(3) per weight instead of O(K)."""
-    K = values.shape[-1]
-    v0 = values[..., 0]
-    step = values[..., 1] - v0
-    q0 = torch.where(step != 0, torch.round((w - v0) / torch.where(step != 0, step, 1.0)), torch.zeros_like(w))
-    cand = (q0.clamp(0, K - 1).long().unsqueeze(-1) + torch.arange(-1, 2, device=w.device)).clamp(0, K - 1)
-    pick = (w.unsqueeze(-1) - values.gather(-1, cand)).abs().argmin(-1, keepdim=True)
-    return cand.gather(-1, pick).squeeze(-1)
-
-
 @dataclass
 class LatticeResult:
     data: np.ndarray  # the packed blocks, uint8 (rows, row_bytes); F16/F32: the float rows
@@ -152,11 +136,11 @@ class LatticeResult:
 
 
 def quantize_for_type(W: torch.Tensor, H: torch.Tensor | None, hdiag: torch.Tensor, qtype: str, gptq: bool = True,
-                      act_order: bool = True) -> LatticeResult:
+                      act_order: bool = True, timer: StageTimer | None = None,
+                      factor: GPTQFactor | None = None) -> LatticeResult:
     """W (rows, n) quantized for GGUF `qtype`: block parameters fitted on W with diag(H), then GPTQ (when H is
     given and gptq) or nearest rounding on that fixed lattice. H damped (n, n) or None; hdiag (n,)."""
-    from neuqi_export.gptq import gptq_with_rounding
-
+    timer = timer or StageTimer()
     rows, n = W.shape
     if qtype in FLOAT:
         data = W.detach().cpu().numpy().astype(np.float16 if qtype == "F16" else np.float32)
@@ -167,24 +151,23 @@ def quantize_for_type(W: torch.Tensor, H: torch.Tensor | None, hdiag: torch.Tens
                         f"use a type whose block divides it (the presets fall back like llama-quantize)")
     w64 = W.detach().cpu().double().numpy()
     h = hdiag.detach().cpu().double().numpy()
-    params, _ = lt.fit(w64, h)
-    V = torch.from_numpy(sub_block_values(lt, params, rows, n)).to(W.device)  # (rows, nsub, K)
+    with timer.stage("fit"):
+        params, _ = lt.fit(w64, h)
+        V = torch.from_numpy(sub_block_values(lt, params, rows, n)).to(W.device)  # (rows, nsub, K)
     B = lt.sub_block
     near = nearest if lt.name in CODEBOOK_LATTICES else nearest_affine
     if gptq and H is not None:
-        def round_col(j: int, w: torch.Tensor):
-            vals = V[:, j // B]
-            q = near(w, vals)
-            return q, vals.gather(1, q[:, None])[:, 0]
-
-        codes = gptq_with_rounding(W, H, round_col, act_order=act_order)
+        with timer.stage("gptq"):
+            codes = gptq_with_rounding(W, H, TableColumns(V, B, affine=lt.name not in CODEBOOK_LATTICES),
+                                       act_order=act_order, factor=factor)
     else:  # rows in chunks: the (rows, n, K) distance tensor of a big layer with K = 64/256 would not fit
         Wv = W.to(torch.float32).reshape(rows, n // B, B)
         step = max(1, (1 << 24) // (n * lt.levels))
         codes = torch.cat([near(Wv[r:r + step], V[r:r + step].unsqueeze(2).expand(-1, -1, B, -1))
                            for r in range(0, rows, step)])
         codes = codes.reshape(rows, n).to(torch.uint8)
-    data = lt.pack(params, codes.cpu().numpy().astype(np.uint8))
-    deq = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[qtype]).reshape(rows, n)
+    with timer.stage("pack"):
+        data = lt.pack(params, codes.cpu().numpy().astype(np.uint8))
+        deq = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[qtype]).reshape(rows, n)
     return LatticeResult(data, torch.from_numpy(np.ascontiguousarray(deq, np.float32)))
 

@@ -40,10 +40,9 @@ and the brute-force references.
 """
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
+
+from neuqi_export.threads import run_rows
 
 try:  # optional dependency
     import numba
@@ -328,23 +327,10 @@ if HAVE_NUMBA:
 
 
 def _run_split(fn, N: int, *arrays_then_scalars_and_outs):
-    """Run fn(*args) over row slices [a, b) of every array argument, on torch.get_num_threads() Python
-    threads (the kernels release the GIL). Python threads instead of numba's parallel=True: its OpenMP
-    layer kept spinning threads that slowed torch's own OpenMP ops afterwards by 10x+ on a 2-core box."""
-    import torch
-    n = max(1, min(int(torch.get_num_threads()), os.cpu_count() or 1, N // 16 or 1))
-    if n == 1:
-        fn(*arrays_then_scalars_and_outs)
-        return
-    bounds = [N * i // n for i in range(n + 1)]
-
-    def part(i):
-        a, b = bounds[i], bounds[i + 1]
-        fn(*[t[a:b] if isinstance(t, np.ndarray) and t.ndim >= 1 and t.shape[0] == N else t
-             for t in arrays_then_scalars_and_outs])
-
-    with ThreadPoolExecutor(n) as ex:
-        list(ex.map(part, range(n)))
+    """Run fn(*args) over row slices [a, b) of every array argument with N rows (threads.run_rows)."""
+    args = arrays_then_scalars_and_outs
+    run_rows(fn, N, args, tuple(k for k, t in enumerate(args)
+                                if isinstance(t, np.ndarray) and t.ndim >= 1 and t.shape[0] == N))
 
 
 def search_scales(ws, hs, s0, bits: int, coarse: int, fine: int, fine_div: int, prune: bool = True):

@@ -24,7 +24,7 @@ from converters.gguf import export_gguf
 from neuqi_export.errors import UserError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared builders, whatever pytest's import mode
-from test_gguf_fixtures import make_tiny, windows  # noqa: E402
+from gguf_fixtures import make_tiny, windows  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +201,7 @@ def test_sentencepiece_tokenizer(tmp_path):
     from llama_cpp import Llama
 
     from neuqi_export.master import MasterCheckpoint
-    from test_gguf_fixtures import build_master, build_model, corpus
+    from gguf_fixtures import build_master, build_model, corpus
 
     tok_dir = tmp_path / "spm"
     tok_dir.mkdir()
@@ -233,7 +233,7 @@ def test_sentencepiece_tokenizer(tmp_path):
 ])
 def test_rope_scaling(tmp_path, rope):
     """llama3 scaling -> rope_freqs.weight; linear -> rope.scaling.*; llama.cpp then matches HF's rotary."""
-    from test_gguf_fixtures import build_master, build_model, build_tokenizer
+    from gguf_fixtures import build_master, build_model, build_tokenizer
 
     tok_dir = tmp_path / "tok"
     n = build_tokenizer(tok_dir, "smollm")

@@ -13,7 +13,7 @@ from converters.gguf.imatrix import read_imatrix, read_imatrix_file, write_imatr
 from neuqi_export.errors import UserError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_gguf_fixtures import make_tiny  # noqa: E402
+from gguf_fixtures import make_tiny  # noqa: E402
 
 
 @pytest.fixture(scope="module")

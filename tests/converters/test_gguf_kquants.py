@@ -14,7 +14,7 @@ from converters.gguf.kquants import K_TYPES, refit_k
 from converters.gguf.packers import pack_q2_k, pack_q3_k, pack_q4_k
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared builders, whatever pytest's import mode
-from test_gguf_fixtures import make_tiny, windows  # noqa: E402
+from gguf_fixtures import make_tiny, windows  # noqa: E402
 
 
 def _master(bits, g, rows=64, n=512, seed=0):

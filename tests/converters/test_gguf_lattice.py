@@ -14,7 +14,7 @@ from neuqi_export.errors import UserError
 from neuqi_export.gptq import weighted_error
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_gguf_fixtures import build_model, build_tokenizer, corpus, windows  # noqa: E402
+from gguf_fixtures import build_model, build_tokenizer, corpus, windows  # noqa: E402
 
 
 def _heavy(rows, n, seed):
@@ -202,7 +202,8 @@ def test_typed_linear_takes_llama_quantizes_fallback_for_rows_the_type_does_not_
 def test_affine_rounding_is_the_nearest_value(qtype):
     """The O(3) rounding of the affine lattices picks exactly what the search over all K values picks (ties to the
     lower index), on weights in, between and beyond each sub-block's values."""
-    from converters.gguf.lattice import lattice, nearest, nearest_affine
+    from converters.gguf.lattice import lattice
+    from neuqi_export.gptq import nearest, nearest_affine
 
     lt = lattice(qtype)
     W = _heavy(16, 512, seed=11)

@@ -13,7 +13,7 @@ from converters.gguf.presets import PRESETS, fallback_type, more_bits, preset_bi
 from neuqi_export.errors import UserError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_gguf_fixtures import make_tiny, windows  # noqa: E402
+from gguf_fixtures import make_tiny, windows  # noqa: E402
 
 SMOLLM2 = dict(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, hidden_size=576,
                intermediate_size=1536, tie_word_embeddings=True)
@@ -181,7 +181,7 @@ def test_unquantized_master_f16_matches_hf(tmp_path):
 
     from neuqi_export.master import MasterCheckpoint
     from runtimes.llamacpp import LlamaCppScorer
-    from test_gguf_fixtures import build_model, build_tokenizer
+    from gguf_fixtures import build_model, build_tokenizer
 
     tok = tmp_path / "tok"
     model = build_model("llama", build_tokenizer(tok, "smollm"))

@@ -13,7 +13,7 @@ from neuqi_export.errors import UserError
 
 
 def _fixtures():
-    path = Path(__file__).resolve().parent / "test_onnx_fixtures.py"
+    path = Path(__file__).resolve().parent / "onnx_fixtures.py"
     spec = importlib.util.spec_from_file_location("onnx_test_fixtures", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

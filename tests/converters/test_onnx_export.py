@@ -15,7 +15,7 @@ import pytest
 from converters.onnx import export_onnx
 from converters.onnx.export import build_model
 from neuqi_export.errors import UserError
-from test_onnx_fixtures import build_master, build_model as build_hf, reference_logits, rel_err  # noqa: E402
+from onnx_fixtures import build_master, build_model as build_hf, reference_logits, rel_err  # noqa: E402
 
 VOCAB = {"llama": 300, "qwen2": 500, "mistral": 260}
 GROUP = 64  # down_proj has in_features 160: groups 64 + 64 + 32 (ragged)
@@ -143,7 +143,7 @@ def test_fp16_and_int8_activations_close(hf_models):
 
 
 def test_output_dir_layout_and_metadata(hf_models, tmp_path):
-    from test_gguf_fixtures import build_tokenizer
+    from gguf_fixtures import build_tokenizer
 
     n = build_tokenizer(tmp_path / "tok", "qwen2")
     hf = build_hf("qwen2", n, seed=7)

@@ -5,8 +5,8 @@ import numpy as np
 import torch
 
 from converters.onnx import export_onnx
-from test_gguf_fixtures import build_tokenizer  # noqa: E402
-from test_onnx_fixtures import build_master, build_model  # noqa: E402
+from gguf_fixtures import build_tokenizer  # noqa: E402
+from onnx_fixtures import build_master, build_model  # noqa: E402
 
 
 def test_genai_greedy_matches(tmp_path):

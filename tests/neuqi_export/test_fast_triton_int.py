@@ -17,8 +17,12 @@ from neuqi_export.quant.grid import n_groups
 from neuqi_export.quant.params import group_loss, init_params
 from triton_harness import case_weights, child_fixtures, compile_sm90, compiled
 
-RTOL = 1e-5  # per group: float32 rounding of the loss (measured max 5e-8)
-SAME = 0.95  # fraction of groups whose (s, z) equal the torch path's bit for bit (measured 0.99)
+RTOL = 1e-5  # per group: float32 rounding of the loss (measured max 1.3e-7, g128-2b)
+# Fraction of groups whose (s, z) equal the torch path's bit for bit. Measured: 743 of the 748 groups of CASES
+# (0.9933), the same with 1 and 2 torch threads; the 5 others are float32 near-ties (g128-2b, g64-2b, g64-4b,
+# g32-2b: 1 + 1 + 1 + 2), whose losses still agree within RTOL. 0.989 allows 740 of 748: 3 more near-ties than
+# measured, for another platform's float32 summation order (the old bound, 0.95, let 37 groups differ).
+SAME = 0.989
 
 # (name, rows, cols, group size, bits, int_grid): heavy-tailed weights, random positive diag(H)
 CASES = [(f"g{gs}-{bits}b", 16, 256, gs, bits, "coarse_fine") for gs in (128, 64, 32) for bits in (2, 3, 4)]

@@ -9,7 +9,7 @@ from neuqi_export.errors import UserError
 
 
 def _fixtures():
-    path = Path(__file__).resolve().parents[1] / "converters" / "test_gguf_fixtures.py"
+    path = Path(__file__).resolve().parents[1] / "converters" / "gguf_fixtures.py"
     spec = importlib.util.spec_from_file_location("gguf_test_fixtures", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -11,7 +11,7 @@ from neuqi_export.errors import UserError
 
 
 def _fixtures():
-    path = Path(__file__).resolve().parents[1] / "converters" / "test_onnx_fixtures.py"
+    path = Path(__file__).resolve().parents[1] / "converters" / "onnx_fixtures.py"
     spec = importlib.util.spec_from_file_location("onnx_test_fixtures", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

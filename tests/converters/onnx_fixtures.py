@@ -1,6 +1,6 @@
 """Builders shared by the ONNX tests: tiny random llama (tied) / qwen2 (untied, q/k/v biases) / mistral
 (sliding window) models and a master checkpoint made from them with NeUQI parameters, without the
-quantization pipeline. (A module without tests; imported by path like test_gguf_fixtures.)
+quantization pipeline. (Not named test_*, so pytest does not collect it; imported by name or by path like gguf_fixtures.)
 
 Sizes: hidden 64, intermediate 160, 2 layers, 4 heads, 2 kv heads. With group size 64 the MLP's
 down_proj has in_features 160 = 64 + 64 + 32: a ragged last group.

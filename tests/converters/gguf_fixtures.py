@@ -1,7 +1,7 @@
 """Builders shared by the GGUF tests: a tiny byte-level BPE tokenizer, tiny random llama / qwen2
 models, and a master checkpoint made from them without the quantization pipeline.
 
-(Collected by pytest as a module without tests; tests/runtimes/test_llamacpp.py imports it by path.)
+(Not named test_*, so pytest does not collect it; the GGUF tests import it, tests/runtimes/test_llamacpp.py by path.)
 """
 from __future__ import annotations
 
