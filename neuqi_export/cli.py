@@ -11,7 +11,9 @@ from .errors import UserError
 
 def _add_quantize(sub) -> None:
     p = sub.add_parser("quantize", help="quantize a HF model directory into a master checkpoint")
-    p.add_argument("model_dir", help="local Hugging Face model directory (config.json + safetensors)")
+    p.add_argument("model_dir", help="local Hugging Face model directory (config.json + safetensors), or a hub repo id "
+                                     "(org/name, downloaded into the HF cache)")
+    _add_revision(p)
     p.add_argument("-o", "--output", required=True, help="master checkpoint directory to write")
     _add_quant_options(p)
     p.add_argument("--for-gguf", default=None, metavar="TYPE",
@@ -24,7 +26,8 @@ def _add_quantize(sub) -> None:
 
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="perplexity of a HF directory or a master checkpoint on held-out text")
-    p.add_argument("path", help="HF model directory or master checkpoint")
+    p.add_argument("path", help="HF model directory, hub repo id (org/name), master checkpoint or exported artifact")
+    _add_revision(p)
     p.add_argument("--text", default="auto", help="evaluation text file; 'auto' (default) = the fetched Wikipedia articles")
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--max-windows", type=int, default=None)
@@ -44,7 +47,9 @@ def _add_fetch(sub) -> None:
 def _add_distill(sub) -> None:
     p = sub.add_parser("distill", help="distil a master checkpoint's scales, zero-points and norms against the original model")
     p.add_argument("master", help="master checkpoint (from `neuqi-export quantize`)")
-    p.add_argument("--teacher", required=True, help="the original HF model directory the master was quantized from")
+    p.add_argument("--teacher", required=True,
+                   help="the original HF model (directory or hub repo id) the master was quantized from")
+    _add_revision(p)
     p.add_argument("--text", default="auto", help="training text file; 'auto' (default) = the fetched Wikipedia lead sections")
     p.add_argument("-o", "--output", required=True, help="distilled master checkpoint directory to write")
     p.add_argument("--nsamples", type=int, default=None, help="training windows (paper: 256; default 64 on CPU)")
@@ -90,17 +95,29 @@ def _add_quant_options(p) -> None:
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window (paper: 2048)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when present)")
+    p.add_argument("--replay-memory", type=float, default=None, metavar="MB",
+                   help="memory for replaying, within a block's calibration passes, the outputs of sub-modules that "
+                        "are already final instead of recomputing them (same result, less time); 0 turns it off "
+                        "(default: a quarter of the free memory)")
+
+
+def _replay_budget(args) -> int | None:
+    mb = getattr(args, "replay_memory", None)
+    if mb is not None and mb < 0:
+        raise UserError(f"--replay-memory {mb:g} is negative; pass a size in MB, or 0 to turn replay off")
+    return None if mb is None else int(mb * 2**20)
 
 
 def _add_export(sub, exporters) -> None:
     for cmd, what in (("export", "a master checkpoint"), ("convert", "a HF model directory (quantize + export)")):
         p = sub.add_parser(cmd, help=f"write {what} in a runtime's format")
-        p.add_argument("source", help="master checkpoint" if cmd == "export" else "HF model directory")
+        p.add_argument("source", help="master checkpoint" if cmd == "export" else "HF model directory or hub repo id")
         p.add_argument("--to", required=True, choices=sorted(exporters), help="target format")
         p.add_argument("-o", "--output", required=True)
         p.add_argument("--force", action="store_true", help="overwrite an existing output")
         p.add_argument("--quiet", action="store_true")
         if cmd == "convert":
+            _add_revision(p)
             _add_quant_options(p)
             # None: 4, or 8 for a GGUF llama-quantize mixture (then refit per tensor; docs/GGUF_COMPARE.md)
             p.set_defaults(bits=None)
@@ -123,13 +140,16 @@ def _text_path(arg: str, which: str) -> str:
     return str(assets.calib_text if which == "calib" else assets.eval_text)
 
 
-def _model_path(arg: str) -> str:
-    """'smollm2' (when no such path exists) names the fetched default model."""
-    if arg == "smollm2" and not Path(arg).exists():
-        from .assets import fetch_assets
+def _add_revision(p) -> None:
+    p.add_argument("--revision", default=None, help="branch, tag or commit of a hub repo id (default: main)")
 
-        return str(fetch_assets().model_dir)
-    return arg
+
+def _model_path(arg: str, revision: str | None = None) -> str:
+    """A local path as is; 'smollm2' (when no such path exists) the fetched default model; a hub repo id
+    (org/name) its snapshot in the HF cache (hub.resolve_model)."""
+    from .hub import resolve_model
+
+    return resolve_model(arg, revision)
 
 
 def _options(args):
@@ -138,6 +158,7 @@ def _options(args):
     if args.imatrix and args.calib != "auto":  # the imatrix's h replaces calibration: the text would be ignored
         raise UserError(f"--imatrix replaces calibration text, so --calib {args.calib} would be ignored; "
                         "drop --calib (or drop --imatrix to calibrate on that text)")
+    _replay_budget(args)  # checked before any work
     opts = QuantizeOptions(bits=args.bits, group_size=args.group_size, init=args.init, gptq=args.gptq,
                            act_order=not args.no_act_order, nsamples=args.nsamples, seqlen=args.seqlen,
                            seed=args.seed, calibrate=not (args.no_calib or args.imatrix), imatrix=args.imatrix,
@@ -151,11 +172,12 @@ def cmd_quantize(args) -> int:
     from .pipeline import quantize_model
 
     opts = _options(args)
+    model = _model_path(args.model_dir, args.revision)
     if args.for_gguf:
-        opts.gguf_types = _lattice_types(args.model_dir, args.for_gguf, preset=None)
+        opts.gguf_types = _lattice_types(model, args.for_gguf, preset=None)
     text = None if not opts.calibrate else read_text(_text_path(args.calib, "calib"))
-    summary = quantize_model(_model_path(args.model_dir), args.output, opts, calib_text=text, device=args.device,
-                             force=args.force, progress=not args.quiet)
+    summary = quantize_model(model, args.output, opts, calib_text=text, device=args.device,
+                             force=args.force, progress=not args.quiet, replay_budget=_replay_budget(args))
     print(summary)
     print(f"wrote {args.output}")
     return 0
@@ -170,7 +192,7 @@ def cmd_eval(args) -> int:
     from .modeling import load_hf_model, master_to_hf
     from .pipeline import resolve_device
 
-    path = Path(_model_path(args.path))
+    path = Path(_model_path(args.path, args.revision))
     if not path.exists():
         raise UserError(f"'{path}' does not exist; pass a model directory or a master checkpoint")
     text = read_text(_text_path(args.text, "eval"))
@@ -242,6 +264,7 @@ def cmd_convert(args) -> int:
             print("GGUF mixture: quantizing an 8-bit master and refitting each tensor into its type on diag(H) "
                   "(pass --bits to choose the master's width)")
     opts = _options(args)
+    args.source = _model_path(args.source, args.revision)
     if fit == "lattice":
         preset = getattr(args, "preset", None)
         opts.gguf_types = _lattice_types(args.source, args.gguf_type, preset)
@@ -250,8 +273,8 @@ def cmd_convert(args) -> int:
     text = None if not opts.calibrate else read_text(_text_path(args.calib, "calib"))
     with tempfile.TemporaryDirectory(prefix=".neuqi-convert-", dir=out.parent if out.parent.exists() else None) as tmp:
         master_dir = Path(tmp) / "master"
-        print(quantize_model(_model_path(args.source), master_dir, opts, calib_text=text, device=args.device,
-                             progress=not args.quiet))
+        print(quantize_model(args.source, master_dir, opts, calib_text=text, device=args.device,
+                             progress=not args.quiet, replay_budget=_replay_budget(args)))
         args.source = str(master_dir)
         return cmd_export(args)
 
@@ -276,7 +299,7 @@ def _lattice_types(model: str, qtype: str, preset: str | None) -> dict[str, str]
         singles = sorted(t for t in LATTICES if t in WEIGHT_TYPES)
         raise UserError(f"GGUF type {qtype!r} has no K-quant-aware mode; use one of {', '.join(singles)} or a "
                         f"llama-quantize mixture ({', '.join(p for p in PRESETS if is_mixture(p))})")
-    _, config, spec = read_model_dir(_model_path(model))
+    _, config, spec = read_model_dir(model)
     return linear_types(config, preset=preset, qtype=None if preset else name, prefix=spec.blocks_path)
 
 
@@ -310,7 +333,7 @@ def cmd_distill(args) -> int:
     opts = DistillOptions(nsamples=args.nsamples, seqlen=args.seqlen, steps=args.steps, lr=args.lr, seed=args.seed)
     text = read_text(_text_path(args.text, "calib"))
     try:
-        summary = distill(args.master, _model_path(args.teacher), text, args.output, opts, device=args.device,
+        summary = distill(args.master, _model_path(args.teacher, args.revision), text, args.output, opts, device=args.device,
                           force=args.force, progress=not args.quiet)
     except KeyboardInterrupt:
         print(f"neuqi-export: interrupted; re-run the same command to resume from the last checkpoint "

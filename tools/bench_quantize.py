@@ -31,6 +31,26 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 CLI = [sys.executable, "-m", "neuqi_export.cli"]
+ABOUT = """## What changed, and what would cut the time next
+
+- GPTQ's column loop (one Python-level step per column, ~10 tensor ops each over all rows: 149,760 steps for
+  SmolLM2) runs per block of 128 columns in a numba kernel, rows split over threads
+  (neuqi_export/gptq_cpu.py); its float32 arithmetic is the torch loop's op for op, so the codes are
+  bit-identical (tested on every grid kind). The torch loop stays the CUDA path.
+- The inverse Cholesky factor of H is computed once per linear subset (q/k/v share one, gate/up another)
+  instead of once per linear.
+- Inside a block's calibration, each pass replays what earlier passes already computed with final weights
+  (q/k/v's outputs once they are quantized, the whole attention once o is, gate/up for the output pass;
+  neuqi_export/replay.py), checked bit for bit on the first replayed window: about half the forward work.
+- Stages: `calibration forward` = block forwards (incl. the embedding pass), `hessian` = accumulating XᵀX in
+  float64 (inside the forwards' hooks, charged apart), `fit` = NeUQI's scale search or the GGUF types'
+  block-parameter fits, `gptq` = the column loop and its inverse Cholesky, `loss` = the reported diag/full-H
+  losses, `load` = model load and tokenizing the calibration text, `export` = writing the GGUF.
+- Next: the Hessian is float64 XᵀX at the cores' FMA peak (float32 products, or a symmetric rank-k update,
+  would halve it but change H's last bits); the K-quant super-block scale search (`fit`) is vectorised numpy
+  over row chunks and would go further as a compiled kernel; on a GPU all of it moves to CUDA (no GPU was lent
+  for this run: the CUDA path is tested as before, not timed here).
+"""
 TIME_LINE = re.compile(r"^time: (.*?)(?:; total ([\d.]+) s)?$")
 STAGE = re.compile(r"([a-z ]+?) ([\d.]+) s(?: \(\d+%\))?")
 
@@ -136,9 +156,10 @@ def main() -> None:
         return {"ppl": r.ppl, "bytes": path.stat().st_size, "tokens": r.tokens,
                 "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
 
-    def ours(qtype: str, gptq: bool, tree: Path = ROOT, tag: str = "ours") -> dict:
+    def ours(qtype: str, gptq: bool, tree: Path = ROOT, tag: str = "ours", extra: tuple = ()) -> dict:
         out = work / f"{tag}-{qtype}{'-gptq' if gptq else ''}.gguf"
-        cmd = CLI + ["convert", "smollm2", "--to", "gguf", "--type", qtype] + (["--gptq"] if gptq else []) + calib
+        cmd = (CLI + ["convert", "smollm2", "--to", "gguf", "--type", qtype] + (["--gptq"] if gptq else []) + calib
+               + list(extra))
         wall, stdout = timed(cmd + ["-o", str(out), "--force"], work / f"{out.stem}.log",
                              {**env, "PYTHONPATH": str(tree)}, cwd=tree)
         return {"wall": wall, "stages": parse_times(stdout), **score_gguf(out),
@@ -159,6 +180,9 @@ def main() -> None:
         for gptq in ([True] if args.no_gptq_off else [True, False]):
             rows.append((qtype, "ours, K-quant-aware" + (" + GPTQ" if gptq else " (no GPTQ)"),
                          row(f"ours-{qtype}-{'gptq' if gptq else 'rtn'}", lambda q=qtype, g=gptq: ours(q, g))))
+    rows.append((args.types[0], "ours, K-quant-aware + GPTQ, replay off (--replay-memory 0)",
+                 row(f"ours-{args.types[0]}-gptq-noreplay",
+                     lambda: ours(args.types[0], True, tag="noreplay", extra=("--replay-memory", "0")))))
     if args.baseline:
         base = Path(args.baseline).resolve()
         rev = subprocess.run(["git", "-C", str(base), "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -212,14 +236,20 @@ def main() -> None:
                      f"{fmt_stages(r.get('stages', {})) if 'stages' in r else 'imatrix %.1f s + quantize %.1f s' % (r['imatrix_s'], r['quantize_s'])} |")
     same = {}
     for t, m, r in rows:
-        if "sha256" in r and "GPTQ" in m and t == args.types[0]:
+        if "sha256" in r and "+ GPTQ" in m and t == args.types[0]:
             same.setdefault(r["sha256"], []).append(m)
     if len(rows) and any(len(v) > 1 for v in same.values()):
         notes.append(f"{args.types[0]}: the files of " + " and ".join(next(v for v in same.values() if len(v) > 1))
                      + " are byte-identical (sha256 " + next(k for k, v in same.items() if len(v) > 1)[:16] + "…)")
     elif args.baseline:
         notes.append(f"{args.types[0]}: the files before and after DIFFER (sha256)")
-    lines += [""] + [f"- {n}" for n in notes]
+    for t, m, r in rows:
+        if t == args.types[0] and m == "ours, K-quant-aware + GPTQ" and r.get("stages"):
+            top = sorted(r["stages"].items(), key=lambda kv: -kv[1])[:3]
+            notes.append(f"{t} + GPTQ: {r['wall']:.1f} s, {r['wall'] / ref[t]:.1f}× llama-imatrix + llama-quantize"
+                         if t in ref else f"{t} + GPTQ: {r['wall']:.1f} s")
+            notes.append("largest stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in top))
+    lines += ["## Read from the table", ""] + [f"- {n}" for n in notes] + ["", ABOUT]
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -111,3 +111,15 @@ def test_replayed_outputs_are_copies():
 
 def test_default_budget_is_positive():
     assert replay_mod.default_budget("cpu") > 0
+
+
+def test_cli_replay_memory(tiny_llama_dir, tmp_path, capsys, real_assets):
+    from neuqi_export.cli import main
+
+    base = ["quantize", str(tiny_llama_dir), "--bits", "4", "--group-size", "32", "--gptq", "--calib",
+            str(real_assets.calib_text), "--nsamples", "2", "--seqlen", "32", "--quiet"]
+    assert main(base + ["-o", str(tmp_path / "bad"), "--replay-memory", "-1"]) == 2
+    assert "--replay-memory" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert main(base + ["-o", str(tmp_path / "off"), "--replay-memory", "0"]) == 0
+    assert main(base + ["-o", str(tmp_path / "on")]) == 0
+    assert _sha(tmp_path / "off") == _sha(tmp_path / "on")
