@@ -87,14 +87,14 @@ def _block_cpu(grid, W1: torch.Tensor, U1: torch.Tensor, cols: torch.Tensor):
     """The numba kernel for one block (gptq_cpu.py): (codes, errors) as the torch loop computes them."""
     from . import gptq_cpu
 
-    Wb, Ub, idx = W1.numpy(), np.ascontiguousarray(U1.numpy()), cols.numpy()
+    WT, Ub, idx = np.ascontiguousarray(W1.numpy().T), np.ascontiguousarray(U1.numpy()), cols.numpy()
     if isinstance(grid, UniformColumns):
-        codes, E = gptq_cpu.block_uniform(Wb, Ub, (idx // grid.group_size).astype(np.int64), grid.scale.numpy(),
+        codes, E = gptq_cpu.block_uniform(WT, Ub, (idx // grid.group_size).astype(np.int64), grid.scale.numpy(),
                                           grid.zero.numpy(), 1 << grid.bits)
     else:
-        codes, E = gptq_cpu.block_table(Wb, Ub, (idx // grid.sub_block).astype(np.int64), grid.values.numpy(),
+        codes, E = gptq_cpu.block_table(WT, Ub, (idx // grid.sub_block).astype(np.int64), grid.values.numpy(),
                                         grid.affine)
-    return torch.from_numpy(codes), torch.from_numpy(E)
+    return torch.from_numpy(codes).T, torch.from_numpy(E).T
 
 
 def _block_torch(grid, W1: torch.Tensor, U1: torch.Tensor, cols: list):

@@ -23,80 +23,84 @@ try:  # optional dependency, as for the NeUQI kernels
 except Exception:  # pragma: no cover - exercised when numba is absent
     HAVE_NUMBA = False
 
-from .threads import run_rows
+from .threads import run_ranges
 
 if HAVE_NUMBA:
     @njit(cache=True, fastmath=False, nogil=True)
-    def _spread(Wb, U1, r, i, err):
-        """Row r's later columns absorb column i's error, in float32: w_j -= fl(err · U[i, j])."""
-        for j in range(i + 1, Wb.shape[1]):
-            Wb[r, j] = Wb[r, j] - np.float32(err * U1[i, j])
+    def _spread(WT, U1, i, err, a, b):
+        """Later columns absorb column i's error, in float32: w_j −= fl(err · U[i, j]) for rows [a, b). WT is the
+        block transposed (columns, rows): the inner loop runs over contiguous rows and is vectorised."""
+        for j in range(i + 1, WT.shape[0]):
+            u = U1[i, j]
+            for r in range(a, b):
+                WT[j, r] = WT[j, r] - np.float32(err[r] * u)
 
     @njit(cache=True, fastmath=False, nogil=True)
-    def _block_uniform(Wb, U1, gidx, scale, zero, L, codes, E):
-        """Wb (rows, bs) float32 (modified), U1 (bs, bs) float32, gidx (bs,) group of each column, scale/zero
-        (rows, ngroups) float32, L = 2^b − 1 (float32). Writes codes (rows, bs) uint8 and E (rows, bs) errors."""
+    def _block_uniform(WT, U1, gidx, scale, zero, L, codes, E, a, b):
+        """WT (bs, rows) float32, the block transposed (modified), U1 (bs, bs) float32, gidx (bs,) group of each
+        column, scale/zero (rows, ngroups) float32, L = 2^b − 1 (float32); rows [a, b) only. Writes codes (bs,
+        rows) uint8 and E (bs, rows) errors."""
         zero32 = np.float32(0.0)
-        for r in range(Wb.shape[0]):
-            for i in range(Wb.shape[1]):
-                s = scale[r, gidx[i]]
-                z = zero[r, gidx[i]]
-                w = Wb[r, i]
+        for i in range(WT.shape[0]):
+            d = U1[i, i]
+            g = gidx[i]
+            for r in range(a, b):
+                s = scale[r, g]
+                z = zero[r, g]
+                w = WT[i, r]
                 q = np.float32(np.round(np.float32(np.float32(w / s) + z)))
                 q = min(max(q, zero32), L)
                 w_hat = np.float32(s * np.float32(q - z))
-                err = np.float32(np.float32(w - w_hat) / U1[i, i])
-                codes[r, i] = np.uint8(q)
-                E[r, i] = err
-                _spread(Wb, U1, r, i, err)
+                codes[i, r] = np.uint8(q)
+                E[i, r] = np.float32(np.float32(w - w_hat) / d)
+            _spread(WT, U1, i, E[i], a, b)
 
     @njit(cache=True, fastmath=False, nogil=True)
-    def _block_table(Wb, U1, sidx, values, affine, codes, E):
+    def _block_table(WT, U1, sidx, values, affine, codes, E, a, b):
         """As _block_uniform on a value table: values (rows, nsub, K) float32, sidx (bs,) sub-block of each
         column; affine: the values are v0 + step·k (nearest by division), else nearest by a full scan."""
         K = values.shape[2]
-        for r in range(Wb.shape[0]):
-            for i in range(Wb.shape[1]):
+        for i in range(WT.shape[0]):
+            d = U1[i, i]
+            for r in range(a, b):
                 v = values[r, sidx[i]]
-                w = Wb[r, i]
+                w = WT[i, r]
                 if affine:
                     step = np.float32(v[1] - v[0])
                     q0 = np.float32(np.round(np.float32(np.float32(w - v[0]) / step))) if step != 0 else np.float32(0)
                     c = int(min(max(q0, np.float32(0)), np.float32(K - 1)))
                     best, bd = max(c - 1, 0), abs(np.float32(w - v[max(c - 1, 0)]))
                     for cand in (c, min(c + 1, K - 1)):
-                        d = abs(np.float32(w - v[cand]))
-                        if d < bd:
-                            best, bd = cand, d
+                        dd = abs(np.float32(w - v[cand]))
+                        if dd < bd:
+                            best, bd = cand, dd
                 else:
                     best, bd = 0, abs(np.float32(w - v[0]))
                     for cand in range(1, K):
-                        d = abs(np.float32(w - v[cand]))
-                        if d < bd:
-                            best, bd = cand, d
-                err = np.float32(np.float32(w - v[best]) / U1[i, i])
-                codes[r, i] = np.uint8(best)
-                E[r, i] = err
-                _spread(Wb, U1, r, i, err)
+                        dd = abs(np.float32(w - v[cand]))
+                        if dd < bd:
+                            best, bd = cand, dd
+                codes[i, r] = np.uint8(best)
+                E[i, r] = np.float32(np.float32(w - v[best]) / d)
+            _spread(WT, U1, i, E[i], a, b)
 
 
-def block_uniform(Wb: np.ndarray, U1: np.ndarray, gidx: np.ndarray, scale: np.ndarray, zero: np.ndarray,
+def block_uniform(WT: np.ndarray, U1: np.ndarray, gidx: np.ndarray, scale: np.ndarray, zero: np.ndarray,
                   levels: int) -> tuple[np.ndarray, np.ndarray]:
-    """GPTQ's loop over one block of columns on a uniform grid (codes 0..levels-1), rows over threads; Wb is
-    modified in place. Returns (codes uint8, errors float32), each (rows, bs)."""
-    rows, bs = Wb.shape
-    codes = np.empty((rows, bs), np.uint8)
-    E = np.empty((rows, bs), np.float32)
-    run_rows(_block_uniform, rows, (Wb, U1, gidx, scale, zero, np.float32(levels - 1), codes, E),
-             split=(0, 3, 4, 6, 7))
+    """GPTQ's loop over one block of columns on a uniform grid (codes 0..levels-1); WT is the block transposed,
+    (bs, rows), modified in place; rows over threads. Returns (codes uint8, errors float32), each (bs, rows)."""
+    bs, rows = WT.shape
+    codes = np.empty((bs, rows), np.uint8)
+    E = np.empty((bs, rows), np.float32)
+    run_ranges(_block_uniform, rows, (WT, U1, gidx, scale, zero, np.float32(levels - 1), codes, E))
     return codes, E
 
 
-def block_table(Wb: np.ndarray, U1: np.ndarray, sidx: np.ndarray, values: np.ndarray,
+def block_table(WT: np.ndarray, U1: np.ndarray, sidx: np.ndarray, values: np.ndarray,
                 affine: bool) -> tuple[np.ndarray, np.ndarray]:
     """GPTQ's loop over one block of columns on per-sub-block value tables; as block_uniform."""
-    rows, bs = Wb.shape
-    codes = np.empty((rows, bs), np.uint8)
-    E = np.empty((rows, bs), np.float32)
-    run_rows(_block_table, rows, (Wb, U1, sidx, values, bool(affine), codes, E), split=(0, 3, 5, 6))
+    bs, rows = WT.shape
+    codes = np.empty((bs, rows), np.uint8)
+    E = np.empty((bs, rows), np.float32)
+    run_ranges(_block_table, rows, (WT, U1, sidx, values, bool(affine), codes, E))
     return codes, E

@@ -31,3 +31,15 @@ def run_rows(fn, rows: int, args: tuple, split: tuple[int, ...], min_rows: int =
 
     with ThreadPoolExecutor(n) as ex:
         list(ex.map(part, range(n)))
+
+
+def run_ranges(fn, rows: int, args: tuple, min_rows: int = 16) -> None:
+    """fn(*args, a, b) for row ranges [a, b) splitting `rows` over thread_count(rows) threads (the arrays are
+    shared; each call touches only its rows). fn must release the GIL to run in parallel."""
+    n = thread_count(rows, min_rows)
+    if n == 1:
+        fn(*args, 0, rows)
+        return
+    bounds = [rows * i // n for i in range(n + 1)]
+    with ThreadPoolExecutor(n) as ex:
+        list(ex.map(lambda i: fn(*args, bounds[i], bounds[i + 1]), range(n)))

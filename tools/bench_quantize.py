@@ -17,6 +17,7 @@ per row; --fresh re-measures everything (timings are only comparable within one 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
 import re
@@ -33,23 +34,27 @@ sys.path.insert(0, str(ROOT))
 CLI = [sys.executable, "-m", "neuqi_export.cli"]
 ABOUT = """## What changed, and what would cut the time next
 
-- GPTQ's column loop (one Python-level step per column, ~10 tensor ops each over all rows: 149,760 steps for
-  SmolLM2) runs per block of 128 columns in a numba kernel, rows split over threads
-  (neuqi_export/gptq_cpu.py); its float32 arithmetic is the torch loop's op for op, so the codes are
-  bit-identical (tested on every grid kind). The torch loop stays the CUDA path.
+- GPTQ's column loop (one Python-level step per column, ~10 small tensor ops over all rows: 149,760 steps for
+  SmolLM2) runs per block of 128 columns in a numba kernel, rows split over threads, the block transposed so
+  the error updates are vectorised over rows (neuqi_export/gptq_cpu.py); its float32 arithmetic is the torch
+  loop's op for op, so the codes are bit-identical (tested on every grid kind). The torch loop stays the CUDA
+  path. On a quiet machine the torch loop was not slow (the gain is a few seconds); on a machine shared with
+  other jobs each of its ~1.5 million small multi-threaded ops waits for a busy core, which is where the
+  issue's 345 s came from (see the rows with busy processes beside them).
 - The inverse Cholesky factor of H is computed once per linear subset (q/k/v share one, gate/up another)
   instead of once per linear.
 - Inside a block's calibration, each pass replays what earlier passes already computed with final weights
   (q/k/v's outputs once they are quantized, the whole attention once o is, gate/up for the output pass;
-  neuqi_export/replay.py), checked bit for bit on the first replayed window: about half the forward work.
+  neuqi_export/replay.py), checked bit for bit on the first replayed window: compare the `calibration forward`
+  stage with and without replay (`--replay-memory 0`).
 - Stages: `calibration forward` = block forwards (incl. the embedding pass), `hessian` = accumulating XᵀX in
   float64 (inside the forwards' hooks, charged apart), `fit` = NeUQI's scale search or the GGUF types'
   block-parameter fits, `gptq` = the column loop and its inverse Cholesky, `loss` = the reported diag/full-H
   losses, `load` = model load and tokenizing the calibration text, `export` = writing the GGUF.
-- Next: the Hessian is float64 XᵀX at the cores' FMA peak (float32 products, or a symmetric rank-k update,
-  would halve it but change H's last bits); the K-quant super-block scale search (`fit`) is vectorised numpy
-  over row chunks and would go further as a compiled kernel; on a GPU all of it moves to CUDA (no GPU was lent
-  for this run: the CUDA path is tested as before, not timed here).
+- Next: the GGUF block-parameter fits (`fit`, vectorised numpy over row chunks; the K types' super-block scale
+  search above all) as compiled kernels; the Hessian is float64 XᵀX at the cores' FMA peak (float32
+  products, or a symmetric rank-k update, would halve it but change H's last bits); on a GPU all of it moves
+  to CUDA (no GPU was lent for this run: the CUDA path is tested as before, not timed here).
 """
 TIME_LINE = re.compile(r"^time: (.*?)(?:; total ([\d.]+) s)?$")
 STAGE = re.compile(r"([a-z ]+?) ([\d.]+) s(?: \(\d+%\))?")
@@ -79,6 +84,18 @@ def timed(cmd: list[str], log: Path, env: dict | None = None, cwd: Path | None =
         raise RuntimeError(f"{Path(cmd[0]).name} {' '.join(cmd[1:3])} failed (rc {res.returncode}); see {log}")
     print(f"  {wall:7.1f} s  {' '.join(cmd[2:5]) if cmd[0] == sys.executable else Path(cmd[0]).name}", flush=True)
     return wall, res.stdout
+
+
+@contextlib.contextmanager
+def busy(n: int):
+    """n CPU-bound processes (a Python busy loop) for the duration: another job on a shared machine."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
 
 
 def find_bin(name: str, bin_dir: str | None) -> str | None:
@@ -115,6 +132,9 @@ def main() -> None:
     ap.add_argument("--llama-bin", default=None, help="directory with llama-quantize, llama-imatrix (default: PATH)")
     ap.add_argument("--work", default=str(ROOT / "out" / "bench_quantize"))
     ap.add_argument("--fresh", action="store_true", help="drop the cached rows of an earlier run")
+    ap.add_argument("--load", type=int, default=1, metavar="N",
+                    help="also time the first type's GPTQ convert (and the baseline's) with N CPU-bound processes "
+                         "running beside it, as on a shared machine (0: skip)")
     ap.add_argument("--baseline", default=None, metavar="DIR",
                     help="a checkout of an earlier commit (git worktree): its convert of the first type with --gptq is "
                          "timed too, and the two files' sha256 compared")
@@ -189,6 +209,15 @@ def main() -> None:
                              text=True).stdout.strip() or base.name
         rows.append((args.types[0], f"before (commit {rev}), K-quant-aware + GPTQ",
                      row(f"baseline-{rev}-{args.types[0]}-gptq", lambda: ours(args.types[0], True, base, "baseline"))))
+    if args.load:
+        with busy(args.load):
+            rows.append((args.types[0], f"ours, K-quant-aware + GPTQ, {args.load} busy process(es) beside it",
+                         row(f"ours-{args.types[0]}-gptq-load{args.load}",
+                             lambda: ours(args.types[0], True, tag=f"load{args.load}"))))
+            if args.baseline:
+                rows.append((args.types[0], f"before (commit {rev}), + GPTQ, {args.load} busy process(es) beside it",
+                             row(f"baseline-{rev}-{args.types[0]}-gptq-load{args.load}",
+                                 lambda: ours(args.types[0], True, base, f"baseline-load{args.load}"))))
     rows.append(("uniform 3-bit g128", "ours, NeUQI + GPTQ master (ppl in transformers)", row("master-3bit", master3)))
 
     quantize_bin, imatrix_bin = find_bin("llama-quantize", args.llama_bin), find_bin("llama-imatrix", args.llama_bin)
