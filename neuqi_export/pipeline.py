@@ -14,20 +14,17 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from .arch import get_blocks, read_model_dir
-from .atomic import atomic_file
 from .errors import UserError
 from .gptq import GPTQFactor, gptq_quantize, weighted_error
 from .hessian import HessianAccumulator
 from .master import EMBED, HEAD, GGUFLinear, MasterCheckpoint, QuantizedLinear
-from .partial import discard_stale, mark, partial_dir
+from .partial import discard_stale, load_block as _load_block, mark, partial_dir, save_block as _save_block
 from .quant.grid import dequantize, quantize_codes
 from .quant.params import init_params
 from .replay import BlockReplay, default_budget
-from .safetensors_io import save_file
 from .timing import StageTimer
 
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -167,37 +164,6 @@ def _fingerprint(model_dir: Path, opts: QuantizeOptions, calib_text: str | None)
     if opts.imatrix:
         h.update(hashlib.sha256(Path(opts.imatrix).read_bytes()).digest())
     return h.hexdigest()[:16]
-
-
-def _save_block(path: Path, records: dict, losses: dict) -> None:
-    tensors, types = {}, {}
-    for name, lin in records.items():
-        if isinstance(lin, GGUFLinear):
-            tensors[f"{name}.gguf"] = lin.data
-            tensors[f"{name}.hdiag"] = lin.hdiag
-            types[name] = lin.qtype
-            continue
-        tensors[f"{name}.codes"] = lin.codes
-        tensors[f"{name}.scales"] = lin.scale
-        tensors[f"{name}.zeros"] = lin.zero
-        tensors[f"{name}.hdiag"] = lin.hdiag
-    with atomic_file(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"losses": json.dumps(losses), "gguf_types": json.dumps(types)})
-
-
-def _load_block(path: Path, names: list, opts: QuantizeOptions) -> tuple[dict, dict]:
-    from safetensors import safe_open
-
-    raw = load_file(str(path))
-    with safe_open(str(path), "pt") as f:
-        losses = json.loads(f.metadata()["losses"])
-        types = json.loads(f.metadata().get("gguf_types", "{}"))
-    records = {n: GGUFLinear(raw[f"{n}.gguf"], types[n], (raw[f"{n}.gguf"].shape[0], raw[f"{n}.hdiag"].shape[0]),
-                             raw[f"{n}.hdiag"])
-               if n in types else
-               QuantizedLinear(raw[f"{n}.codes"], raw[f"{n}.scales"], raw[f"{n}.zeros"], opts.bits, opts.group_size,
-                               raw[f"{n}.hdiag"]) for n in names}
-    return records, losses
 
 
 def quantize_linear(W: torch.Tensor, H: torch.Tensor | None, opts: QuantizeOptions, name: str | None = None,
