@@ -2,7 +2,7 @@
 asymmetric INTEGER zero-points.
 
     neuqi-export export MASTER --to compressed-tensors -o DIR [--ct-scale-dtype fp32|fp16|bf16]
-                                                             [--ct-refit none|rtn|diag]
+                                                             [--ct-refit none|rtn|diag] [--float-storage half|exact|fp32]
 
 Output directory: model.safetensors, config.json (the master's config with a compressed-tensors
 `quantization_config`), the master's tokenizer files; written to a temp dir beside DIR, then renamed.
@@ -21,7 +21,10 @@ groups are re-expressed on the largest of 128/64/32 dividing both the master gro
 per-channel masters use the `channel` strategy. A linear with no such group size is written dense (float
 weight, listed in `ignore`).
 
-The format cannot hold NeUQI's float zero-point, so every quantized linear is REFIT (DESIGN.md): per
+Exact by default: `convert --to compressed-tensors` quantizes with integer zero-points (`--init neuqi_int`, NeUQI's
+scale search with Z restricted to the integers; Exporter.init below), which this format holds exactly (with the fp32
+weight_scale default). The format cannot hold NeUQI's float zero-point, so a float-zero-point master (`quantize`'s
+default `--init neuqi`) is REFIT on export, with one warning giving the error it measured and the exact route: per
 (row, group) the integer zero-point Z' in {round(Z)-2 .. round(Z)+2} (clamped to 0..2^bits-1) and the scale s'
 are chosen to minimise the diag-H objective sum_j h_j (s'(q_j - Z') - w_j)^2 against the master's dequantized
 weights w (h = the master's hdiag): for a fixed (s', Z') the best codes are clamp(round(w/s' + Z')), for fixed
@@ -29,11 +32,16 @@ codes the best s' is the weighted least-squares one; a few alternations, best ca
 (`--ct-refit diag`, default). `--ct-refit rtn`: Z' = round(Z), s' = s, codes re-rounded (the plain baseline).
 The report gives, per tensor, the added error sum h (w' - w)^2 / sum h w^2 (relative, diag-H weighted).
 
+Float tensors (`--float-storage`, converters/float_storage.py): the embedding (which holds a tied head's values:
+the head stays float in this format), norms and dense linears in the model's dtype (half, default: exact for a
+bf16 checkpoint's own weights, rounded otherwise and marked so), half only where lossless (exact), or fp32.
+
 Loading: transformers 5 reads asymmetric pack-quantized only dequantized:
 `from_pretrained(DIR, quantization_config=CompressedTensorsConfig(dequantize=True))` (runtimes.transformers
 does this); vLLM runs 4/8-bit asymmetric group checkpoints with its own kernels.
 
-Python: `export_compressed_tensors(master, out, scale_dtype="fp32", refit="diag", overwrite=False) -> ExportReport`.
+Python: `export_compressed_tensors(master, out, scale_dtype="fp32", refit="diag", overwrite=False,
+float_storage="half") -> ExportReport`.
 """
 from __future__ import annotations
 
@@ -43,15 +51,24 @@ import math
 import numpy as np
 import torch
 
+from converters import float_storage
+from converters.float_storage import FLOAT_STORAGE, half_dtype, store
 from converters.registry import (ExportReport, Exporter, TensorReport, choose, prepare_output, register,
                                  write_safetensors_dir)
+from neuqi_export.archs import family_for
 from neuqi_export.errors import UserError
+from neuqi_export.experts import fuse_state_dict, is_expert
 from neuqi_export.master import HEAD
 
 GROUP_SIZES = (128, 64, 32)
+# why a mixture-of-experts master's experts are written float (dense, per expert under the checkpoint's names)
+EXPERTS_NOTE = ("experts written float: transformers (5.24) dequantizes fused MoE experts without their "
+                "weight_zero_point (integrations/compressed_tensors.py CompressedTensorsDequantize), so asymmetric "
+                "pack-quantized experts do not load")
 SCALE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 REFITS = ("diag", "rtn", "none")
 WEIGHTS_NAME = "model.safetensors"
+_DT = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 FORMAT = "pack-quantized"
 
 
@@ -198,10 +215,15 @@ def _ct_version() -> str:
 
 
 def export_compressed_tensors(master, out, scale_dtype: str = "fp32", refit: str = "diag",
-                              overwrite: bool = False) -> ExportReport:
-
+                              overwrite: bool = False, float_storage: str = "half") -> ExportReport:
+    """Write `master` as a pack-quantized directory (module doc). `float_storage` (converters.float_storage):
+    the float tensors (embedding, float head, norms, dense linears) in the model's dtype (half, default; exact
+    for a bf16 checkpoint's own weights), half only where lossless (exact), or fp32; weight_scale follows
+    `scale_dtype` (fp32 default: an integer-zero-point master's scales exactly)."""
     from neuqi_export.quant.grid import expand_groups
 
+    choose(float_storage, dict.fromkeys(FLOAT_STORAGE), "--float-storage")
+    half = half_dtype(master.config, master.tensors)
     sdt = choose(scale_dtype, SCALE_DTYPES, "--ct-scale-dtype")
     choose(refit, dict.fromkeys(REFITS), "--ct-refit")
     out = prepare_output(master, out, overwrite, "the compressed-tensors exporter")
@@ -216,18 +238,24 @@ def export_compressed_tensors(master, out, scale_dtype: str = "fp32", refit: str
                 if lin.bits == bits and ct_group_size(lin.shape[1], lin.group_size) is not None and n != HEAD]
         shared[bits] = shared_group_size(fits) if fits else None
     head_note = "transformers' compressed-tensors loader leaves lm_head unquantized (its packed weights would be dropped)"
+    fam = family_for(master.config)
+    experts_float: dict[str, torch.Tensor] = {}
     for name, lin in master.linears.items():
         lin.validate(name)
+        if is_expert(fam, name):  # float, fused as transformers 5 holds them (EXPERTS_NOTE)
+            experts_float[name], ok = store(lin.dequantize(), float_storage, half)
+            reports.append(TensorReport(name, f"{_DT[experts_float[name].dtype]} (dense)", ok, note=EXPERTS_NOTE))
+            continue
         out_f, inp = lin.shape
         if name == HEAD and master.head_shares_embedding:  # tied: the embedding written below holds its values
-            reports.append(TensorReport(name, "F32 (tied embedding)", True, note=head_note))
+            reports.append(TensorReport(name, "tied embedding", True, note=head_note))
             continue
         g = shared[lin.bits] if ct_group_size(inp, lin.group_size) is not None else None
         if g is None or name == HEAD:
-            tensors[f"{name}.weight"] = lin.dequantize().float()
+            tensors[f"{name}.weight"], ok = store(lin.dequantize(), float_storage, half)
             dense.append(name)
             why = head_note if name == HEAD else f"in={inp}, group {lin.group_size}: no group size 32/64/128 fits"
-            reports.append(TensorReport(name, "F32 (dense)", True, note=why))
+            reports.append(TensorReport(name, f"{_DT[tensors[f'{name}.weight'].dtype]} (dense)", ok, note=why))
             continue
         # the master's weights in float64 (so an integer-zero master refits with exactly zero added error)
         w = (expand_groups(lin.scale.double(), inp, lin.effective_group_size)
@@ -259,7 +287,11 @@ def export_compressed_tensors(master, out, scale_dtype: str = "fp32", refit: str
                                     added_error=added, note=note))
         schemes.setdefault((lin.bits, g), []).append(name)
     for k, v in master.tensors.items():
-        tensors[k] = v.detach().cpu().contiguous().clone()
+        tensors[k], ok = store(v, float_storage, half)
+        if not ok:
+            reports.append(TensorReport(k, _DT[tensors[k].dtype], False,
+                                        note=f"rounded to {_DT[half]} (--float-storage exact keeps it exact)"))
+    tensors.update(fuse_state_dict({f"{n}.weight": w for n, w in experts_float.items()}))
 
     all_linear = _linear_modules(master.config)
     groups = {}
@@ -280,10 +312,21 @@ def export_compressed_tensors(master, out, scale_dtype: str = "fp32", refit: str
     config = {**{k: v for k, v in master.config.items() if k != "quantization_config"}, "quantization_config": qcfg}
 
     nbytes = write_safetensors_dir(out, tensors, config, master.tokenizer_dir, metadata={"format": "pt", "neuqi_export": "compressed-tensors-1"})
-    advice = ("note: compressed-tensors holds integer zero-points only, so the master's float zero-points were refit "
-              "(re-rounding the codes adds the errors above); for an exact export quantize with --init neuqi_int"
-              if any(not t.exact for t in reports) else "")
-    return ExportReport(path=out, bytes=nbytes, tensors=reports, advice=advice)
+    return ExportReport(path=out, bytes=nbytes, tensors=reports, advice=refit_warning(reports))
+
+
+def refit_warning(reports: list[TensorReport]) -> str:
+    """One warning line for an export that refit float zero-points: how many linears, the error it measured
+    (diag-H weighted, relative: mean and max over them) and the exact route; "" when nothing was refit."""
+    refit = [t for t in reports if t.type.startswith("int") and not t.exact]
+    if not refit:
+        return ""
+    errs = [t.added_error for t in refit]
+    return (f"warning: compressed-tensors holds integer zero-points only, so this master's float zero-points were "
+            f"refit in {len(refit)} linears (added diag-H weighted weight error: mean {sum(errs) / len(errs):.3g}, "
+            f"max {max(errs):.3g}; 0 when exact); for an exact file quantize with --init neuqi_int "
+            "(`neuqi-export quantize MODEL --init neuqi_int`, or `neuqi-export convert MODEL --to compressed-tensors`, "
+            "its default)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -295,12 +338,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument("--ct-refit", dest="ct_refit", default="diag", choices=REFITS,
                        help="compressed-tensors: integer zero-point refit: diag = diag-H optimal (default), rtn = round Z, "
                             "none = refuse non-integer zero-points")
+    float_storage.add_option(p)
 
 
 def export(master, out, args: argparse.Namespace) -> ExportReport:
     return export_compressed_tensors(master, out, scale_dtype=getattr(args, "ct_scale_dtype", None) or "fp32",
                                      refit=getattr(args, "ct_refit", None) or "diag",
-                                     overwrite=bool(getattr(args, "force", False) or getattr(args, "overwrite", False)))
+                                     overwrite=bool(getattr(args, "force", False) or getattr(args, "overwrite", False)),
+                                     float_storage=float_storage.from_args(args))
 
 
 register(Exporter(
@@ -308,6 +353,7 @@ register(Exporter(
     help="compressed-tensors pack-quantized safetensors (transformers/vLLM): integer zero-points, diag-H refit",
     add_arguments=add_arguments,
     export=export,
+    init="neuqi_int",  # integer zero-points: the file is exact (convert's default; docs/SIZES.md)
 ))
 
 __all__ = ["export_compressed_tensors", "pack_int32", "unpack_int32", "refit_integer_zero", "ct_group_size"]

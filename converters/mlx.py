@@ -21,10 +21,18 @@ block as `quantization_config`, as mlx-lm writes it) {group_size, bits, mode: af
 overrides where a module differs; `rope_theta`/`rope_scaling` at top level (mlx-lm does not read
 transformers 5's `rope_parameters`) and `tie_word_embeddings` written explicitly (mlx-lm defaults it to true).
 
-Scales/biases dtype: fp32 (default, exact up to one fp32 rounding of s*q - s*Z), fp16 or bf16 (smaller;
-the report gives the relative weight error that adds).
+Float storage (`--float-storage`, converters/float_storage.py; one option for every format):
+- half (default): as mlx-lm's convert writes a model: the float weights (embedding, float head, norms) AND the
+  scales/biases in the model's half dtype (float_storage.half_dtype: the config's bfloat16/float16; for a float32
+  config bfloat16 when every float weight is a bf16 value, else float16, as for the fetched SmolLM2-135M and
+  Gemma-3-270M), so mlx-lm computes in it. A bf16 checkpoint's float weights are exact in bf16; the scales/biases are rounded
+  (the report gives each linear's relative weight error and marks it not exact).
+- exact: float weights in the half dtype only where lossless, else fp32; scales/biases fp32 (exact up to one
+  fp32 rounding of s*q - s*Z).
+- fp32: everything fp32 (the layout before issue 24).
+`--mlx-scale-dtype fp32|fp16|bf16` overrides the scales'/biases' dtype alone. Sizes and perplexities: docs/SIZES.md.
 
-Python: `export_mlx(master, out, scale_dtype="fp32", overwrite=False) -> ExportReport`.
+Python: `export_mlx(master, out, scale_dtype=None, overwrite=False, float_storage="half") -> ExportReport`.
 """
 from __future__ import annotations
 
@@ -33,8 +41,11 @@ import argparse
 import numpy as np
 import torch
 
+from converters import float_storage
+from converters.float_storage import FLOAT_STORAGE, half_dtype, store
 from converters.registry import (ExportReport, Exporter, TensorReport, choose, prepare_output, register,
                                  write_safetensors_dir)
+from neuqi_export.archs import family_for
 from neuqi_export.errors import UserError
 from neuqi_export.master import EMBED, HEAD
 
@@ -42,6 +53,7 @@ MLX_GROUP_SIZES = (128, 64, 32)
 MLX_BITS = (2, 3, 4, 5, 6, 8)
 SCALE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 WEIGHTS_NAME = "model.safetensors"
+_DT = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
 def mlx_group_size(in_features: int, group_size: int) -> int | None:
@@ -105,7 +117,8 @@ def _rope_fields(cfg: dict) -> dict:
             scaling.setdefault("type", rtype)
         return {"rope_theta": theta, "rope_scaling": scaling}
     if isinstance(rp, dict) and rp:  # per-layer-type rope parameters (gemma-like): not handled by mlx-lm llama
-        raise UserError("this model has per-layer rope_parameters that the MLX exporter does not map; export it with another format")
+        raise UserError(f"{cfg.get('model_type')}: per-layer rope_parameters are not mapped by the MLX exporter yet; "
+                        "export it with gguf or onnx")
     return {"rope_theta": cfg.get("rope_theta", 10000.0), "rope_scaling": cfg.get("rope_scaling")}
 
 
@@ -122,9 +135,133 @@ def _tied(cfg: dict) -> bool:
         return False
 
 
+def check_family(cfg: dict) -> None:
+    """UserError, before any output, for a model mlx-lm cannot run as transformers does (no model type for the
+    family, sliding windows or soft-caps its code for the family does not apply, a layer pattern it cannot express)."""
+    fam = family_for(cfg)
+    if fam.mlx_type is None:
+        raise UserError(f"mlx-lm has no model type for {fam.model_type}; export gguf or onnx instead")
+    windows = sorted({a.window for a in fam.layer_attention(cfg) if a.window})
+    if windows and not fam.mlx_sliding_window:
+        raise UserError(f"mlx-lm's {fam.mlx_type} has no sliding-window attention (this model's layers use a window of "
+                        f"{windows[0]} tokens), so its outputs would differ from the model's beyond that length; "
+                        "export gguf or onnx instead")
+    caps = {k: v for k, v in (("attn_logit_softcapping", fam.attn_softcap(cfg)),
+                              ("final_logit_softcapping", fam.final_softcap(cfg))) if v}
+    if caps and not fam.mlx_softcap:
+        k, v = next(iter(caps.items()))
+        raise UserError(f"mlx-lm's {fam.mlx_type} applies no logit soft-capping (this {fam.model_type} model has "
+                        f"{k} {v:g}), so its outputs would differ; export gguf or onnx instead")
+    if fam.mlx_window_pattern:
+        _pattern_fields(cfg, fam)
+
+
+def _pattern_fields(cfg: dict, fam) -> dict:
+    """mlx-lm's periodic per-layer attention keys (sliding_window, sliding_window_pattern, rope_local_base_freq for
+    the sliding layers, rope_theta / rope_scaling for the global ones) from Family.layer_attention; UserError where
+    the config's layers follow no such period or use rotary settings mlx-lm's code for the family lacks."""
+    layers = fam.layer_attention(cfg)
+    n, name = len(layers), f"mlx-lm's {fam.mlx_type}"
+    glob = [i for i, a in enumerate(layers) if a.window is None]
+    if not glob:
+        raise UserError(f"{name} needs a full-attention layer (this {fam.model_type} model has only sliding ones); "
+                        "export gguf or onnx instead")
+    period = glob[0] + 1
+    if [i for i in range(n) if i % period == period - 1] != glob:
+        raise UserError(f"{name} takes full-attention layers every sliding_window_pattern layers, but this model's are "
+                        f"layers {glob}; export gguf or onnx instead")
+    local, full = [a for a in layers if a.window], [a for a in layers if a.window is None]
+    if any(a.rope is None for a in layers):
+        raise UserError(f"{name} applies rotary embeddings on every layer (this model has NoPE layers); "
+                        "export gguf or onnx instead")
+    for group in (local, full):
+        if any(a.rope != group[0].rope or a.window != group[0].window for a in group):
+            raise UserError(f"{name} takes one window and one rope per layer kind, but this model's layers differ; "
+                            "export gguf or onnx instead")
+    if local and local[0].rope["rope_type"] != "default":
+        raise UserError(f"{name} applies plain rope on sliding layers (this model's are "
+                        f"{local[0].rope['rope_type']!r}); export gguf or onnx instead")
+    rope = full[0].rope
+    if rope["rope_type"] == "default":
+        scaling = None
+    elif rope["rope_type"] == "linear":
+        scaling = {"type": "linear", "rope_type": "linear", "factor": float(rope["factor"])}
+    else:
+        raise UserError(f"{name} maps only default and linear rope scaling on full-attention layers (this model's is "
+                        f"{rope['rope_type']!r}); export gguf or onnx instead")
+    return {"sliding_window": int(local[0].window) if local else int(cfg.get("sliding_window") or 4096),
+            "sliding_window_pattern": period, "rope_theta": float(rope["rope_theta"]),
+            "rope_local_base_freq": float((local[0] if local else full[0]).rope["rope_theta"]), "rope_scaling": scaling,
+            "query_pre_attn_scalar": float(fam.attention_scale(cfg)) ** -2}
+
+
+def embed_scale_factor(cfg: dict) -> float:
+    """bf16(s) / s for the family's embedding scale s where mlx-lm rounds it to bfloat16, else 1.0."""
+    fam = family_for(cfg)
+    if not fam.mlx_embed_scale_bf16:
+        return 1.0
+    s = float(fam.embedding_scale(cfg))
+    return float(torch.tensor(s, dtype=torch.bfloat16).float()) / s
+
+
+def compensate_embed_scale(tensors: dict, cfg: dict) -> None:
+    """Make mlx-lm's bf16-rounded embedding scale exact: its residual stream is then r = bf16(s)/s times
+    transformers', so the norms whose outputs add into it (attn_out, ffn_out) are stored scaled by r
+    ((offset + w) r - offset); the norms reading it are scale-invariant (up to eps / mean(x^2), ~1e-9)."""
+    r = embed_scale_factor(cfg)
+    if r == 1.0:
+        return
+    fam = family_for(cfg)
+    if fam.norms.attn_out is None or fam.norms.ffn_out is None:
+        raise UserError(f"mlx-lm rounds {fam.model_type}'s embedding scale to bfloat16 and this family has no "
+                        "residual-branch norms to absorb it; export gguf or onnx instead")
+    off = fam.norm_offset
+    for i in range(int(cfg["num_hidden_layers"])):
+        for hf in (fam.norms.attn_out, fam.norms.ffn_out):
+            k = f"{fam.blocks_path}.{i}.{hf}.weight"
+            w = tensors[k].double()
+            tensors[k] = ((off + w) * r - off).to(tensors[k].dtype)
+
+
+def _stack_experts(tensors: dict, per_module: dict, cfg: dict) -> None:
+    """In place: per-expert `<blk>.<experts>.<e>.<part>.*` -> mlx-lm's stacked `<blk>.<mlx_moe>.switch_mlp.<part>.*`
+    (E, ...) and the router `<blk>.<router>` -> `<blk>.<mlx_moe>.gate` (what mlx-lm's qwen3_moe / mixtral load)."""
+    import re
+
+    from neuqi_export.experts import num_experts
+
+    fam = family_for(cfg)
+    if fam.experts is None:
+        return
+    n_exp = num_experts(cfg)
+    pat = re.compile(rf"^(.*\.\d+)\.{re.escape(fam.experts)}\.0\.(\w+)$")
+    for name in [n for n in per_module if pat.match(n)]:
+        block, part = pat.match(name).groups()
+        new = f"{block}.{fam.mlx_moe}.switch_mlp.{part}"
+        names = [f"{block}.{fam.experts}.{e}.{part}" for e in range(n_exp)]
+        kinds = {str(per_module[n]) for n in names}
+        if len(kinds) != 1:
+            raise UserError(f"{name}: the experts of one layer are quantized differently ({sorted(kinds)}), which "
+                            "mlx-lm's stacked experts cannot hold; re-quantize with one bit width and group size")
+        for suffix in ("weight", "scales", "biases"):
+            if f"{names[0]}.{suffix}" in tensors:
+                tensors[f"{new}.{suffix}"] = torch.stack([tensors.pop(f"{n}.{suffix}") for n in names])
+        per_module[new] = per_module[names[0]]
+        for n in names:
+            del per_module[n]
+    for name in [k for k in tensors if re.match(rf"^.*\.\d+\.{re.escape(fam.router)}\.(weight|bias)$", k)]:
+        tensors[name.replace(f".{fam.router}.", f".{fam.mlx_moe}.gate.")] = tensors.pop(name)
+
+
 def mlx_config(master, quant: dict) -> dict:
     cfg = {k: v for k, v in master.config.items() if k != "quantization_config"}
-    cfg.update(_rope_fields(cfg))
+    fam = family_for(cfg)
+    if fam.experts is not None:  # mlx-lm reads num_experts (qwen3_moe) / num_local_experts (mixtral)
+        from neuqi_export.experts import num_experts
+
+        cfg["num_experts"] = cfg["num_local_experts"] = num_experts(cfg)
+    cfg["model_type"] = fam.mlx_type
+    cfg.update(_pattern_fields(cfg, fam) if fam.mlx_window_pattern else _rope_fields(cfg))
     cfg.pop("rope_parameters", None)
     cfg["tie_word_embeddings"] = _tied(master.config)
     cfg["quantization"] = quant
@@ -132,10 +269,19 @@ def mlx_config(master, quant: dict) -> dict:
     return cfg
 
 
-def export_mlx(master, out, scale_dtype: str = "fp32", overwrite: bool = False) -> ExportReport:
-
-
+def export_mlx(master, out, scale_dtype: str | None = None, overwrite: bool = False,
+               float_storage: str = "half") -> ExportReport:
+    """Write `master` as an mlx-lm directory (module doc). `float_storage` (converters.float_storage): half
+    (default) stores the float weights and the scales/biases in the model's half dtype, as mlx-lm writes its
+    models; exact keeps the float weights half where lossless and the scales/biases fp32; fp32 all fp32.
+    `scale_dtype` (fp32|fp16|bf16) overrides the scales'/biases' dtype."""
+    choose(float_storage, dict.fromkeys(FLOAT_STORAGE), "--float-storage")
+    half = half_dtype(master.config, master.tensors)
+    if scale_dtype is None:
+        sdt = half if float_storage == "half" else torch.float32
+        scale_dtype = next(k for k, v in SCALE_DTYPES.items() if v == sdt)
     sdt = choose(scale_dtype, SCALE_DTYPES, "--mlx-scale-dtype")
+    check_family(master.config)
     out = prepare_output(master, out, overwrite, "the MLX exporter")
 
     tensors: dict[str, torch.Tensor] = {}
@@ -148,9 +294,10 @@ def export_mlx(master, out, scale_dtype: str = "fp32", overwrite: bool = False) 
         out_f, inp = lin.shape
         gsize, bits = mlx_group_size(inp, lin.group_size), mlx_bits(lin.bits)
         if gsize is None or bits is None:
-            tensors[f"{name}.weight"] = lin.dequantize().float()
+            tensors[f"{name}.weight"], ok = store(lin.dequantize(), float_storage, half)
             per_module[name] = False
-            reports.append(TensorReport(name, "F32 (dense)", True, note=f"in={inp}, group {lin.group_size}: no MLX group size fits"))
+            reports.append(TensorReport(name, f"{_DT[tensors[f'{name}.weight'].dtype]} (dense)", ok,
+                                        note=f"in={inp}, group {lin.group_size}: no MLX group size fits"))
             continue
         tensors[f"{name}.weight"] = torch.from_numpy(pack_mlx(lin.codes.cpu().numpy(), bits))
         s, b = mlx_params(lin, gsize, sdt)
@@ -162,17 +309,26 @@ def export_mlx(master, out, scale_dtype: str = "fp32", overwrite: bool = False) 
         if bits != lin.bits:
             note.append(f"{lin.bits}-bit codes in a {bits}-bit container")
         err = 0.0
-        if sdt != torch.float32:  # relative weight error of the narrower scale storage
+        if sdt != torch.float32:  # relative weight error of the narrower scale storage (0: the values fit it)
             ref = lin.dequantize()
             got = s.float().repeat_interleave(gsize, 1) * lin.codes.float() + b.float().repeat_interleave(gsize, 1)
             err = float((got - ref).norm() / ref.norm().clamp_min(1e-30))
-            note.append(f"{scale_dtype} scales: rel. weight error {err:.2e}")
-        reports.append(TensorReport(name, f"MLX-affine-{bits} g{gsize}", True, added_error=0.0, note="; ".join(note)))
+            if err:
+                note.append(f"{scale_dtype} scales/biases: rel. weight error {err:.2e} (--float-storage exact keeps fp32)")
+        reports.append(TensorReport(name, f"MLX-affine-{bits} g{gsize}", err == 0.0, added_error=err, note="; ".join(note)))
+    floats = {}
     for k, v in master.tensors.items():
         if k == EMBED and shared:
             continue  # written above from the quantized head
-        tensors[k] = v.detach().cpu().contiguous().clone()
+        floats[k] = v.detach().cpu().float().contiguous().clone()
+    compensate_embed_scale(floats, master.config)
+    for k, v in floats.items():
+        tensors[k], ok = store(v, float_storage, half)
+        if not ok:
+            reports.append(TensorReport(k, _DT[tensors[k].dtype], False,
+                                        note=f"rounded to {_DT[half]} (--float-storage exact keeps it exact)"))
 
+    _stack_experts(tensors, per_module, master.config)
     quantized = [m for m in per_module.values() if m]
     if quantized:
         pairs = [(m["group_size"], m["bits"]) for m in quantized]
@@ -191,13 +347,16 @@ def export_mlx(master, out, scale_dtype: str = "fp32", overwrite: bool = False) 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     if "--mlx-scale-dtype" not in getattr(p, "_option_string_actions", {}):
-        p.add_argument("--mlx-scale-dtype", dest="mlx_scale_dtype", default="fp32", choices=tuple(SCALE_DTYPES),
-                       help="mlx: dtype of scales/biases (default fp32 = exact; fp16/bf16 smaller)")
+        p.add_argument("--mlx-scale-dtype", dest="mlx_scale_dtype", default=None, choices=tuple(SCALE_DTYPES),
+                       help="mlx: dtype of scales/biases (default: the model's half dtype with --float-storage half, "
+                            "fp32 = exact with exact/fp32)")
+    float_storage.add_option(p)
 
 
 def export(master, out, args: argparse.Namespace) -> ExportReport:
-    return export_mlx(master, out, scale_dtype=getattr(args, "mlx_scale_dtype", None) or "fp32",
-                      overwrite=bool(getattr(args, "force", False) or getattr(args, "overwrite", False)))
+    return export_mlx(master, out, scale_dtype=getattr(args, "mlx_scale_dtype", None),
+                      overwrite=bool(getattr(args, "force", False) or getattr(args, "overwrite", False)),
+                      float_storage=float_storage.from_args(args))
 
 
 register(Exporter(
@@ -205,6 +364,7 @@ register(Exporter(
     help="MLX affine safetensors for mlx-lm (Apple silicon / mlx[cpu]): exact (bias = -scale*zero)",
     add_arguments=add_arguments,
     export=export,
+    head_bits=8,  # convert's default: 8-bit head, -26% file at +0.08% perplexity on SmolLM2 (docs/SIZES.md)
 ))
 
 __all__ = ["export_mlx", "pack_mlx", "unpack_mlx", "mlx_group_size", "mlx_bits", "mlx_params"]

@@ -42,6 +42,12 @@ class Exporter:
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]  # format-specific CLI options
     export: Callable[..., ExportReport]  # export(master: MasterCheckpoint, out: Path, args: Namespace) -> report
+    # check(config dict) -> None: UserError for a model the format cannot express (convert calls it before quantizing)
+    check: Callable[[dict], None] | None = None
+    # what `convert --to NAME` quantizes with unless the user says otherwise (the format's measured preference,
+    # docs/SIZES.md): the output head's width (--lm-head-bits; None = float head) and the init (--init)
+    head_bits: int | None = None
+    init: str = "neuqi"
 
 
 EXPORTERS: dict[str, Exporter] = {}

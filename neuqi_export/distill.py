@@ -33,6 +33,7 @@ from .errors import UserError
 from .master import HEAD, MasterCheckpoint, QuantizedLinear
 from .partial import discard_stale, mark, partial_dir
 from .quant.grid import dequantize, expand_groups, n_groups
+from .train_state import load_state, save_state
 
 PAPER = dict(nsamples=256, seqlen=2048)  # reference settings (one GPU, bf16)
 CPU = dict(nsamples=64, seqlen=512)  # lowered automatically on CPU
@@ -197,7 +198,10 @@ def _teacher_fingerprint(teacher_dir: Path, text: str, opts: DistillOptions) -> 
 def _fingerprint(master_dir: Path, teacher_fp: str, opts: DistillOptions) -> str:
     h = hashlib.sha256(json.dumps({k: v for k, v in asdict(opts).items() if k != "checkpoint_every"},
                                   sort_keys=True).encode())
-    h.update(_file_digest(master_dir / "model.safetensors").encode())
+    from .master_store import weight_files
+
+    for f in weight_files(master_dir):
+        h.update(_file_digest(f).encode())
     h.update(teacher_fp.encode())
     return h.hexdigest()[:16]
 
@@ -242,7 +246,7 @@ def _window_order(n: int, steps: int, seed: int) -> list[int]:
 
 def _save_ckpt(path: Path, step: int, params: dict, opt, sched, losses: list) -> None:
     with atomic_file(path) as tmp:
-        torch.save({"step": step, "params": {n: p.detach().cpu().clone() for n, p in params.items()},
+        save_state({"step": step, "params": {n: p.detach().cpu().clone() for n, p in params.items()},
                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "losses": losses}, tmp)
 
 
@@ -284,8 +288,8 @@ def distill(master_dir, teacher_dir, text: str, out, opts: DistillOptions | None
     """
     from transformers import AutoTokenizer
 
-    from .arch import read_model_dir
-    from .data import calibration_windows
+    from .archs import family_for, read_model_dir
+    from .data import calibration_windows, check_context
     from .pipeline import resolve_device
 
     t0 = time.time()
@@ -298,25 +302,25 @@ def distill(master_dir, teacher_dir, text: str, out, opts: DistillOptions | None
         raise UserError(f"output '{out}' is the input master; choose another -o")
     master = MasterCheckpoint.load(master_dir)
     master.require_uniform("distillation")
+    family_for(master.config).require_dense("distillation", "use the master as quantized (without distill)")
     teacher_dir, teacher_cfg, _ = read_model_dir(teacher_dir)
     _check_teacher(master, teacher_cfg, teacher_dir)
-    max_pos = master.config.get("max_position_embeddings")
-    if max_pos and opts.seqlen > max_pos:
-        raise UserError(f"--seqlen {opts.seqlen} exceeds the model's context ({max_pos}); pass --seqlen <= {max_pos}")
+    check_context(master.config, opts.seqlen)
 
     partial = partial_dir(out)
     tfp = _teacher_fingerprint(teacher_dir, text, opts)
     fp = _fingerprint(master_dir, tfp, opts)
     discard_stale(partial, fp)
     tdir = partial if targets_dir is None else Path(targets_dir) / f"targets-{tfp}"
-    win_file = tdir / "windows.pt"
+    win_file = tdir / "windows.safetensors"
     if win_file.exists():
-        windows = torch.load(win_file)
+        windows = load_state(win_file)
     else:  # tokenize (and fail on short text) before anything is written
         tok = AutoTokenizer.from_pretrained(str(teacher_dir))
         windows = calibration_windows(tok, text, opts.nsamples, opts.seqlen, seed=opts.seed)
         tdir.mkdir(parents=True, exist_ok=True)
-        torch.save(windows, win_file)
+        with atomic_file(win_file) as tmp:
+            save_state(windows, tmp)
     mark(partial, fp, asdict(opts))
     hidden = int(master.config["hidden_size"])
     targets = teacher_targets(teacher_dir, windows, tdir, hidden, dev, progress)
@@ -325,9 +329,9 @@ def distill(master_dir, teacher_dir, text: str, out, opts: DistillOptions | None
     params = trainable(model)
     opt = torch.optim.AdamW(list(params.values()), lr=opts.lr, betas=(0.9, 0.95), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(opts.steps, opts.warmup))
-    ckpt_file, start, losses = partial / "train.pt", 0, []
+    ckpt_file, start, losses = partial / "train.safetensors", 0, []
     if ckpt_file.exists():
-        ck = torch.load(ckpt_file, weights_only=False)
+        ck = load_state(ckpt_file)
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(ck["params"][n])

@@ -30,12 +30,16 @@ def _offline() -> bool:
 
 
 def resolve_model(arg: str, revision: str | None = None) -> str:
-    """A path for MODEL: `smollm2` (when no such path exists) the fetched default model, a repo id its snapshot
+    """A path for MODEL: `smollm2` / `gemma3-270m` (when no such path exists) the fetched models, a repo id its snapshot
     in the HF cache (downloaded unless HF_HUB_OFFLINE=1), anything else unchanged."""
     if arg == "smollm2" and not Path(arg).exists():
         from .assets import fetch_assets
 
         return str(fetch_assets().model_dir)
+    if arg == "gemma3-270m" and not Path(arg).exists():
+        from .gemma_asset import fetch_gemma
+
+        return str(fetch_gemma())
     if not is_repo_id(arg):
         if revision is not None:
             raise UserError(f"--revision is for a Hugging Face repo id (org/name), but '{arg}' is a local path; "

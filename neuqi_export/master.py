@@ -1,7 +1,8 @@
 """The master checkpoint: the exact quantized record every exporter reads (DESIGN.md).
 
-A HF-style directory: config.json with a `quantization_config` block, the tokenizer files, and
-`model.safetensors` holding, per quantized linear `<m>`: `<m>.qweight` (codes as a little-endian
+A HF-style directory: config.json with a `quantization_config` block, the tokenizer files, and safetensors
+shards with an index (master_store.py: one shard per block, then one for the rest; a master written before issue 21
+has one `model.safetensors`) holding, per quantized linear `<m>`: `<m>.qweight` (codes as a little-endian
 bit stream along the input dimension, uint8 (out, ceil(in*bits/8))), `<m>.scales` and `<m>.zeros`
 (float32 (out, n_groups)), `<m>.hdiag` (float32 (in,), the damped diag(H) the parameters were fitted
 with; ones when no calibration); every other tensor as it was. A quantized output head is `lm_head` like any
@@ -13,28 +14,21 @@ with its type in the module entry; only the GGUF exporter and the dequantizing r
 """
 from __future__ import annotations
 
-import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from .atomic import atomic_directory
 from .bitpack import pack_bits, unpack_bits
 from .errors import UserError
+from .master_store import TOKENIZER_FILES  # noqa: F401 - where the exporters look it up
 from .quant.grid import dequantize, n_groups
-from .safetensors_io import save_file
 
 QUANT_METHOD = "neuqi"
 HEAD, EMBED = "lm_head", "model.embed_tokens.weight"  # the output head and the (possibly tied) embedding table
 WEIGHTS_NAME = "model.safetensors"
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json",
-)
 
 
 @dataclass
@@ -68,6 +62,13 @@ class QuantizedLinear:
         if self.codes.numel() and int(self.codes.max()) >= (1 << self.bits):
             raise UserError(f"{name}: codes exceed {self.bits} bits; the checkpoint is corrupt, re-run quantize")
 
+    def to_tensors(self, name: str) -> tuple[dict, dict]:
+        """The tensors this record is stored as (codes bit-packed) and its `quantization_config.modules` entry."""
+        return ({f"{name}.qweight": torch.from_numpy(pack_bits(self.codes.cpu().numpy(), self.bits)),
+                 f"{name}.scales": self.scale.float().cpu().contiguous(),
+                 f"{name}.zeros": self.zero.float().cpu().contiguous(), f"{name}.hdiag": _hdiag(self.hdiag, self.shape)},
+                {"bits": self.bits, "group_size": self.group_size, "shape": list(self.shape)})
+
 
 @dataclass
 class GGUFLinear:
@@ -99,6 +100,16 @@ class GGUFLinear:
         if tuple(self.data.shape) != want:
             raise UserError(f"{name}: {self.qtype} blocks of shape {tuple(self.data.shape)} do not match {want}; the checkpoint is corrupt, re-run convert")
 
+    def to_tensors(self, name: str) -> tuple[dict, dict]:
+        """The tensors this record is stored as (the GGUF blocks as they are) and its `modules` entry."""
+        return ({f"{name}.gguf": self.data.cpu().contiguous(), f"{name}.hdiag": _hdiag(self.hdiag, self.shape)},
+                {"gguf_type": self.qtype, "shape": list(self.shape)})
+
+
+def _hdiag(hdiag: torch.Tensor | None, shape) -> torch.Tensor:
+    """The stored diag(H) of a record (ones when it had none)."""
+    return (hdiag if hdiag is not None else torch.ones(shape[1])).float().cpu().contiguous()
+
 
 @dataclass
 class MasterCheckpoint:
@@ -117,8 +128,11 @@ class MasterCheckpoint:
     def head_shares_embedding(self) -> bool:
         """True when the output head is quantized and tied: the embedding table is that one quantized matrix, not
         written; load() puts its dequantized copy in `tensors`."""
-        return bool(self.config.get("quantization_config", {}).get("lm_head", {}).get("tied_embedding")) \
-            and isinstance(self.linears.get(HEAD), QuantizedLinear)
+        if not self.config.get("quantization_config", {}).get("lm_head", {}).get("tied_embedding") \
+                or HEAD not in self.linears:
+            return False
+        kind = self.linears.kind(HEAD) if hasattr(self.linears, "kind") else type(self.linears[HEAD])
+        return kind is QuantizedLinear
 
     def require_uniform(self, what: str) -> None:
         """UserError when a linear is held in a GGUF block type (only the GGUF exporter can take those)."""
@@ -142,62 +156,117 @@ class MasterCheckpoint:
         return path
 
     def _write(self, directory: Path) -> None:
-        tensors = {}
-        modules = {}
-        for name, lin in self.linears.items():
-            lin.validate(name)
-            h = lin.hdiag if lin.hdiag is not None else torch.ones(lin.shape[1])
-            if isinstance(lin, GGUFLinear):
-                tensors[f"{name}.gguf"] = lin.data.cpu().contiguous()
-                tensors[f"{name}.hdiag"] = h.float().cpu().contiguous()
-                modules[name] = {"gguf_type": lin.qtype, "shape": list(lin.shape)}
-                continue
-            tensors[f"{name}.qweight"] = torch.from_numpy(pack_bits(lin.codes.cpu().numpy(), lin.bits))
-            tensors[f"{name}.scales"] = lin.scale.float().cpu().contiguous()
-            tensors[f"{name}.zeros"] = lin.zero.float().cpu().contiguous()
-            tensors[f"{name}.hdiag"] = h.float().cpu().contiguous()
-            modules[name] = {"bits": lin.bits, "group_size": lin.group_size, "shape": list(lin.shape)}
-        for k, v in self.tensors.items():
-            if k == EMBED and self.head_shares_embedding:
-                continue
-            tensors[k] = v.detach().cpu().contiguous().clone()
+        """One shard per block then one for the rest (master_store.py), each read from this master and written
+        before the next is read: a loaded (lazy) master is rewritten without holding it whole."""
+        from .master_store import finish, groups, shard_name, write_shard
+
+        skip = EMBED if self.head_shares_embedding else None
+        parts = groups(list(self.linears), [k for k in self.tensors if k != skip])
+        modules, shards = {}, []
+        for i, (lin_names, tensor_names) in enumerate(parts, 1):
+            shards.append(shard_name(i, len(parts)))
+            modules.update(write_shard(directory / shards[-1], {n: self.linears[n] for n in lin_names},
+                                       {k: self.tensors[k] for k in tensor_names}))
         config = dict(self.config)
         config["quantization_config"] = {**self.quantization_config, "quant_method": QUANT_METHOD, "modules": modules}
-        save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt", "neuqi_export": "master-1"})
-        (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if self.tokenizer_dir is not None:
-            for fname in TOKENIZER_FILES:
-                src = Path(self.tokenizer_dir) / fname
-                if src.is_file():
-                    shutil.copy2(src, directory / fname)
+        finish(directory, config, shards, self.tokenizer_dir)
 
     @classmethod
     def load(cls, path) -> "MasterCheckpoint":
-        """Read a master checkpoint written by save(); UserError if it is not one."""
+        """The master checkpoint at `path` (sharded, or one model.safetensors), its tensors read from the shards
+        only when asked for (master_store.LazyDict); UserError naming it if it is not one or is damaged."""
+        from .file_checks import read_json
+        from .master_store import is_master_dir
+
         path = Path(path)
-        cfg_path, weights = path / "config.json", path / WEIGHTS_NAME
-        if not cfg_path.is_file() or not weights.is_file():
-            raise UserError(f"'{path}' is not a neuqi-export master checkpoint (needs config.json and {WEIGHTS_NAME}); create one with `neuqi-export quantize`")
-        config = json.loads(cfg_path.read_text())
+        if not is_master_dir(path):
+            raise UserError(f"'{path}' is not a neuqi-export master checkpoint (needs config.json and {WEIGHTS_NAME} "
+                            "or its shards with an index); create one with `neuqi-export quantize`")
+        config = read_json(path / "config.json", "re-run `neuqi-export quantize` to recreate the checkpoint")
         qcfg = config.get("quantization_config", {})
-        if qcfg.get("quant_method") != QUANT_METHOD:
+        if not isinstance(qcfg, dict) or qcfg.get("quant_method") != QUANT_METHOD:
             raise UserError(f"'{path}' is not a neuqi-export master checkpoint (quant_method={qcfg.get('quant_method')!r}); create one with `neuqi-export quantize`")
-        raw = load_file(str(weights))
-        linears = {}
-        for name, meta in qcfg.get("modules", {}).items():
-            out, inp = meta["shape"]
-            if "gguf_type" in meta:
-                linears[name] = GGUFLinear(raw.pop(f"{name}.gguf"), meta["gguf_type"], (out, inp), raw.pop(f"{name}.hdiag"))
-                linears[name].validate(name)
-                continue
-            codes = unpack_bits(raw.pop(f"{name}.qweight").numpy(), meta["bits"], inp)
-            linears[name] = QuantizedLinear(
-                codes=torch.from_numpy(np.ascontiguousarray(codes)).reshape(out, inp),
-                scale=raw.pop(f"{name}.scales"), zero=raw.pop(f"{name}.zeros"),
-                bits=meta["bits"], group_size=meta["group_size"], hdiag=raw.pop(f"{name}.hdiag"),
-            )
-            linears[name].validate(name)
-        master = cls(config=config, linears=linears, tensors=raw, tokenizer_dir=path)
+        try:
+            return cls._load(path, config, qcfg)
+        except UserError as exc:
+            if str(path) in str(exc):
+                raise
+            raise UserError(f"master checkpoint '{path}': {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - config and weights that do not fit each other, whatever the type
+            raise UserError(f"master checkpoint '{path}' is damaged: its config.json and weights do not fit "
+                            f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ''}); "
+                            "re-run `neuqi-export quantize`") from None
+
+    @classmethod
+    def _load(cls, path: Path, config: dict, qcfg: dict) -> "MasterCheckpoint":
+        """load()'s reading of the shards' headers (tensors stay on disk until asked for)."""
+        from .master_store import LazyDict, TensorStore
+
+        fix = "re-run `neuqi-export quantize` to recreate the checkpoint"
+        modules = qcfg.get("modules", {})
+        if not isinstance(modules, dict):
+            raise UserError(f"'{path / 'config.json'}' has no quantization_config.modules map; {fix}")
+        for name, meta in modules.items():
+            if "gguf_type" not in meta and (meta["bits"] not in (2, 3, 4, 8) or not isinstance(meta["group_size"], int)
+                                            or meta["group_size"] == 0 or meta["group_size"] < -1):
+                raise UserError(f"'{path / 'config.json'}': module {name} has bits={meta['bits']!r}, "
+                                f"group_size={meta['group_size']!r}; {fix}")
+        store = TensorStore(path)
+        parts = set()
+        for name, meta in modules.items():
+            parts.update(_check_stored(store, name, meta))
+        record = ("qweight", "scales", "zeros", "hdiag", "gguf")  # a linear's own tensors (its bias is a tensor)
+        extra = sorted(k for k in store.keys() if k.rsplit(".", 1)[-1] in record and k not in parts)
+        if extra:
+            raise UserError(f"'{path}' holds '{extra[0]}', which its config.json does not describe; {fix}")
+        linears = LazyDict(modules, lambda n: _read_linear(store, n, modules[n]),
+                           kinds={n: GGUFLinear if "gguf_type" in m else QuantizedLinear for n, m in modules.items()})
+        names = [k for k in store.keys() if k not in parts]
+        master = cls(config=config, linears=linears, tensors=LazyDict(names, store.get), tokenizer_dir=path)
         if master.head_shares_embedding:
-            raw[EMBED] = linears[HEAD].dequantize()
+            master.tensors = LazyDict([*names, EMBED],
+                                      lambda k: linears[HEAD].dequantize() if k == EMBED else store.get(k))
         return master
+
+
+def _stored_shapes(name: str, meta: dict) -> dict:
+    """The tensors (name -> shape) a `modules` entry says the master holds for linear `name`."""
+    out, inp = meta["shape"]
+    if "gguf_type" in meta:
+        import gguf
+
+        qtype = meta["gguf_type"]
+        if qtype in ("F16", "F32"):
+            return {f"{name}.gguf": (out, inp), f"{name}.hdiag": (inp,)}
+        block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
+        return {f"{name}.gguf": (out, inp // block * size), f"{name}.hdiag": (inp,)}
+    ng = n_groups(inp, inp if meta["group_size"] == -1 else meta["group_size"])
+    return {f"{name}.qweight": (out, (inp * meta["bits"] + 7) // 8), f"{name}.scales": (out, ng),
+            f"{name}.zeros": (out, ng), f"{name}.hdiag": (inp,)}
+
+
+def _check_stored(store, name: str, meta: dict) -> list[str]:
+    """The tensor names of linear `name`, checked present with the shapes its entry gives (read from the
+    headers); UserError otherwise."""
+    want = _stored_shapes(name, meta)
+    for k, shape in want.items():
+        if k not in store:
+            raise UserError(f"{name}: tensor '{k}' is missing from the master; the checkpoint is corrupt, re-run quantize")
+        if store.shape(k) != tuple(shape):
+            raise UserError(f"{name}: '{k}' has shape {store.shape(k)}, not {tuple(shape)}; the checkpoint is corrupt, "
+                            "re-run quantize")
+    return list(want)
+
+
+def _read_linear(store, name: str, meta: dict):
+    """Linear `name` read from the master's shards."""
+    out, inp = meta["shape"]
+    if "gguf_type" in meta:
+        lin = GGUFLinear(store.get(f"{name}.gguf"), meta["gguf_type"], (out, inp), store.get(f"{name}.hdiag"))
+    else:
+        codes = unpack_bits(store.get(f"{name}.qweight").numpy(), meta["bits"], inp)
+        lin = QuantizedLinear(codes=torch.from_numpy(np.ascontiguousarray(codes)).reshape(out, inp),
+                              scale=store.get(f"{name}.scales"), zero=store.get(f"{name}.zeros"), bits=meta["bits"],
+                              group_size=meta["group_size"], hdiag=store.get(f"{name}.hdiag"))
+    lin.validate(name)
+    return lin

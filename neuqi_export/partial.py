@@ -5,12 +5,10 @@ import json
 import shutil
 from pathlib import Path
 
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from .atomic import atomic_file
-from .master import GGUFLinear, QuantizedLinear
-from .safetensors_io import save_file
+from .master_store import full_disk_is_user_error, write_shard
 
 
 def partial_dir(out: Path) -> Path:
@@ -37,34 +35,47 @@ def mark(partial: Path, fingerprint: str, options: dict) -> None:
     (partial / "state.json").write_text(json.dumps({"fingerprint": fingerprint, "options": options}))
 
 
-def save_block(path: Path, records: dict, losses: dict) -> None:
-    """One finished block's records and losses, written atomically (a resumed run reads them back)."""
-    tensors, types = {}, {}
-    for name, lin in records.items():
-        if isinstance(lin, GGUFLinear):
-            tensors[f"{name}.gguf"] = lin.data
-            tensors[f"{name}.hdiag"] = lin.hdiag
-            types[name] = lin.qtype
-            continue
-        tensors[f"{name}.codes"] = lin.codes
-        tensors[f"{name}.scales"] = lin.scale
-        tensors[f"{name}.zeros"] = lin.zero
-        tensors[f"{name}.hdiag"] = lin.hdiag
-    with atomic_file(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"losses": json.dumps(losses), "gguf_types": json.dumps(types)})
+def save_block(partial: Path, shard: str, records: dict, others: dict, losses: dict) -> dict:
+    """One finished block as the master shard `shard` (its records and its other tensors) in `partial`, then its
+    losses and `modules` entries beside it (`<shard>.json`, written last: the block counts as done once it exists);
+    returns the `modules` entries."""
+    modules = write_shard(partial / shard, records, others)
+    with full_disk_is_user_error(partial), atomic_file(partial / f"{shard}.json") as tmp:
+        tmp.write_text(json.dumps({"losses": losses, "modules": modules}))  # losses in order: sums match
+    return modules
 
 
-def load_block(path: Path, names: list, opts) -> tuple[dict, dict]:
-    """The records and losses save_block wrote; opts gives the uniform records' bits and group size."""
-    from safetensors import safe_open
+def block_done(partial: Path, shard: str) -> bool:
+    """Whether save_block finished writing `shard`."""
+    return (partial / shard).is_file() and (partial / f"{shard}.json").is_file()
 
-    raw = load_file(str(path))
-    with safe_open(str(path), "pt") as f:
-        losses = json.loads(f.metadata()["losses"])
-        types = json.loads(f.metadata().get("gguf_types", "{}"))
-    records = {n: GGUFLinear(raw[f"{n}.gguf"], types[n], (raw[f"{n}.gguf"].shape[0], raw[f"{n}.hdiag"].shape[0]),
-                             raw[f"{n}.hdiag"])
-               if n in types else
-               QuantizedLinear(raw[f"{n}.codes"], raw[f"{n}.scales"], raw[f"{n}.zeros"], opts.bits, opts.group_size,
-                               raw[f"{n}.hdiag"]) for n in names}
-    return records, losses
+
+def load_block(partial: Path, shard: str) -> tuple[dict, dict, dict]:
+    """The records, losses and `modules` entries save_block wrote for `shard` (a damaged block file is one
+    UserError naming it)."""
+    from .errors import UserError
+    from .file_checks import finite_tensors, safetensors_header
+
+    path = partial / shard
+    fix = f"delete '{path}' (or the whole '{partial}') and rerun to recompute it"
+    safetensors_header(path, fix)
+    try:
+        records, losses, modules = _load_block(partial, shard)
+        for n, rec in records.items():
+            finite_tensors({f"{n}.{k}": getattr(rec, k) for k in ("scale", "zero", "hdiag", "data")
+                            if getattr(rec, k, None) is not None}, path, fix)
+    except UserError as exc:
+        raise UserError(f"unfinished block '{path}' is damaged ({exc}); {fix}") from None
+    except Exception as exc:  # noqa: BLE001 - any damage means the same to the user
+        raise UserError(f"unfinished block '{path}' is damaged ({type(exc).__name__}: {str(exc)[:100]}); {fix}") from None
+    return records, losses, modules
+
+
+def _load_block(partial: Path, shard: str) -> tuple[dict, dict, dict]:
+    from .master import _read_linear
+    from .master_store import TensorStore
+
+    info = json.loads((partial / f"{shard}.json").read_text())
+    store = TensorStore(partial, [partial / shard])
+    records = {n: _read_linear(store, n, meta) for n, meta in info["modules"].items()}
+    return records, info["losses"], info["modules"]

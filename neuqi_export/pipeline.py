@@ -16,20 +16,36 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .arch import get_blocks, read_model_dir
+from .activations import Activations
+from .activations import default_budget as default_activation_budget
+from .archs import get_blocks, read_model_dir
+from .calibration import StopForward as _StopForward
+from .calibration import block_outputs as _block_outputs
+from .calibration import capture_block_inputs
+from .calibration import submodule as _submodule
+from .calibration import to_device as _to
+from . import experts as _experts
+from .atomic import atomic_directory
 from .errors import UserError
 from .gptq import GPTQFactor, gptq_quantize, weighted_error
 from .hessian import HessianAccumulator
-from .master import EMBED, HEAD, GGUFLinear, MasterCheckpoint, QuantizedLinear
-from .partial import discard_stale, load_block as _load_block, mark, partial_dir, save_block as _save_block
+from .grids import grid
+from .master import EMBED, HEAD, QuantizedLinear
+from .master_store import assemble, shard_name
+from .partial import block_done, discard_stale, mark, partial_dir
+from .partial import load_block as _load_block
+from .partial import save_block as _save_block
 from .quant.grid import dequantize, quantize_codes
 from .quant.params import init_params
 from .replay import BlockReplay, default_budget
+from .device import resolve_device  # noqa: F401 - callers import it from here too
 from .timing import StageTimer
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 # the wall time per stage of the run that wrote a master, beside its config (the one file that differs run to run)
 TIMING_FILE = "quantize_timing.json"
+HEAD_FILE = "lm_head.safetensors"  # the quantized head's record in the partial dir until the master is written
+PARTIAL_FORMAT = b"partial-2"  # the partial dir's layout (a master shard per block); older ones are discarded
 INIT_METHODS = ("minmax", "mse", "neuqi_int", "neuqi")
 # Methods whose objective uses the calibration diag(H); minmax and mse are data-free by definition.
 USES_HDIAG = ("neuqi_int", "neuqi")
@@ -93,69 +109,15 @@ class QuantizeSummary:
     timing: str = ""  # StageTimer.report(): wall time per stage
 
     def __str__(self) -> str:
-        return (f"quantized {self.layers} linears in {self.seconds:.1f} s; summed diag-H loss {self.diag_loss:.6g}, "
+        moe = _experts.fallback_summary(self.per_layer)
+        return (moe + "\n" if moe else "") + (f"quantized {self.layers} linears in {self.seconds:.1f} s; summed diag-H loss {self.diag_loss:.6g}, "
                 f"summed full-H loss {self.hessian_loss:.6g}"
                 + (f" (resumed after {self.resumed_blocks} finished blocks)" if self.resumed_blocks else "")
                 + (f"\n{self.timing}" if self.timing else ""))
 
 
-class _StopForward(Exception):
-    pass
-
-
-def _submodule(block, dotted: str):
-    obj = block
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _to(obj, device):
-    if torch.is_tensor(obj):
-        return obj.to(device)
-    if isinstance(obj, tuple):
-        return tuple(_to(o, device) for o in obj)
-    if isinstance(obj, list):
-        return [_to(o, device) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    return obj
-
-
-@torch.no_grad()
-def capture_block_inputs(model, blocks, windows: torch.Tensor, device, progress: bool = False) -> tuple[list, dict]:
-    """Hidden states entering block 0 for each window (kept on CPU) and the block kwargs."""
-    captured, kwargs_box = [], {}
-
-    def grab(module, args, kwargs):
-        captured.append(args[0].detach().cpu() if args else kwargs["hidden_states"].detach().cpu())
-        if not kwargs_box:
-            kwargs_box.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
-        raise _StopForward
-
-    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
-    inner = model.model
-    embed = inner.embed_tokens.to(device)
-    rotary = getattr(inner, "rotary_emb", None)
-    if rotary is not None:
-        rotary.to(device)
-    try:
-        for i in tqdm(range(windows.shape[0]), desc="calibration", unit="window", disable=not progress, leave=False):
-            try:
-                inner(input_ids=windows[i : i + 1].to(device), use_cache=False)
-            except _StopForward:
-                pass
-    finally:
-        handle.remove()
-        embed.to("cpu")
-    kwargs = kwargs_box
-    kwargs["use_cache"] = False
-    kwargs.pop("past_key_values", None)
-    return captured, _to(kwargs, "cpu")
-
-
 def _fingerprint(model_dir: Path, opts: QuantizeOptions, calib_text: str | None) -> str:
-    h = hashlib.sha256(json.dumps(asdict(opts), sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps(asdict(opts), sort_keys=True).encode() + PARTIAL_FORMAT)
     h.update(str(model_dir.resolve()).encode())
     for f in sorted(model_dir.glob("*.safetensors")):
         h.update(f"{f.name}:{f.stat().st_size}".encode())
@@ -168,11 +130,11 @@ def _fingerprint(model_dir: Path, opts: QuantizeOptions, calib_text: str | None)
 
 def quantize_linear(W: torch.Tensor, H: torch.Tensor | None, opts: QuantizeOptions, name: str | None = None,
                     importance: torch.Tensor | None = None, timer: StageTimer | None = None,
-                    factor: GPTQFactor | None = None) -> tuple[QuantizedLinear | GGUFLinear, dict, torch.Tensor]:
+                    factor: GPTQFactor | None = None) -> tuple[object, dict, torch.Tensor]:
     """Init params for every group of W (from the original W), then GPTQ or round-to-nearest; a linear
     that opts.gguf_types names is quantized on its GGUF type's lattice instead. importance: an imatrix h
     (n_in,) used as diag(H) when there is no H (damped like H); factor: GPTQFactor.of(H) shared by a subset.
-    Returns (record, losses, dequantized W)."""
+    Returns (record: a QuantizedLinear or the grid's own, losses, dequantized W)."""
     timer = timer or StageTimer()
     if not torch.isfinite(W).all():
         raise UserError("a weight contains NaN/Inf; repair the model before quantizing")
@@ -183,13 +145,9 @@ def quantize_linear(W: torch.Tensor, H: torch.Tensor | None, opts: QuantizeOptio
         hdiag = h + opts.percdamp * h.mean().clamp_min(1e-12)
     else:
         hdiag = torch.ones(W.shape[1], device=W.device)
-    if opts.gguf_types and name in opts.gguf_types:
-        from converters.gguf.lattice import quantize_for_type
-
-        res = quantize_for_type(W, H, hdiag, opts.gguf_types[name], gptq=opts.gptq, act_order=opts.act_order,
-                                timer=timer, factor=factor)
-        deq = res.deq.to(W.device)
-        rec = GGUFLinear(torch.from_numpy(res.data), opts.gguf_types[name], tuple(W.shape), hdiag.cpu())
+    if opts.gguf_types and name in opts.gguf_types:  # a GGUF block type's own lattice (registered by converters.gguf)
+        rec, deq = grid("gguf", opts.gguf_types[name]).quantize(W, H, hdiag, gptq=opts.gptq, act_order=opts.act_order,
+                                                                timer=timer, factor=factor)
     else:
         has_h = H is not None or importance is not None
         with timer.stage("fit"):
@@ -212,16 +170,16 @@ def quantize_linear(W: torch.Tensor, H: torch.Tensor | None, opts: QuantizeOptio
 
 
 @torch.no_grad()
-def _quantize_block(block, k: int, prefix: str, spec, inputs: list, kwargs: dict, opts: QuantizeOptions, device,
+def _quantize_block(block, k: int, prefix: str, family, inputs: list, kwargs: dict, opts: QuantizeOptions, device,
                     bar, importance: dict | None = None, timer: StageTimer | None = None,
                     replay: BlockReplay | None = None) -> tuple[dict, dict]:
     """Quantize block k's linears subset by subset, each subset's H collected over `inputs` with the earlier
     subsets quantized; `replay` (if given) returns what earlier passes already computed (replay.py)."""
     timer = timer or StageTimer()
     records, losses = {}, {}
-    layers = tqdm(total=len(spec.linear_names), desc=f"block {k} linears", unit="linear", leave=False,
+    layers = tqdm(total=len(family.linear_names), desc=f"block {k} linears", unit="linear", leave=False,
                   disable=bar.disable)
-    for done, subset in enumerate(spec.subsets):
+    for done, subset in enumerate(family.subsets):
         first = _submodule(block, subset[0])
         H = None
         if opts.calibrate:
@@ -266,18 +224,23 @@ def _quantize_block(block, k: int, prefix: str, spec, inputs: list, kwargs: dict
             layers.set_postfix_str(f"{name} loss {loss['hessian']:.3g}")
             layers.update()
     layers.close()
+    if family.experts is not None:  # every expert's gate/up/down on its own routed tokens (experts.py)
+        recs, ls = _experts.quantize_experts(block, k, prefix, family, inputs, kwargs, opts, device, timer,
+                                             quantize_linear, lambda H: GPTQFactor.of(H, opts.act_order, device))
+        records.update(recs)
+        losses.update(ls)
     return records, losses
 
 
 @torch.no_grad()
-def _quantize_head(model, hidden: list, opts: QuantizeOptions, device, part_file: Path, importance: dict | None,
-                   progress: bool, timer: StageTimer) -> tuple[QuantizedLinear, dict]:
+def _quantize_head(model, family, hidden: list, opts: QuantizeOptions, device, partial: Path,
+                   importance: dict | None, progress: bool, timer: StageTimer) -> tuple[QuantizedLinear, dict]:
     """Quantize the output head (`lm_head`; for tied embeddings the shared matrix) at opts.lm_head_bits with the
     body's group size, init and GPTQ, its H from the final norm's outputs on the last block's outputs `hidden`.
-    Resumable: the record is kept in `part_file` until the master is written."""
+    Resumable: the record is kept in `partial` until the master is written."""
     head_opts = replace(opts, bits=opts.lm_head_bits)
-    if part_file.exists():
-        recs, ls = _load_block(part_file, [HEAD], head_opts)
+    if block_done(partial, HEAD_FILE):
+        recs, ls, _ = _load_block(partial, HEAD_FILE)
         return recs[HEAD], ls[HEAD]
     head = model.get_output_embeddings()
     W = head.weight.data.to(torch.float32)
@@ -285,7 +248,7 @@ def _quantize_head(model, hidden: list, opts: QuantizeOptions, device, part_file
         raise UserError("weight 'lm_head.weight' contains NaN/Inf; repair the model before quantizing")
     H = None
     if opts.calibrate:
-        norm = model.model.norm.to(device)
+        norm = _submodule(model, family.final_norm).to(device)
         acc = HessianAccumulator(W.shape[1], device=device)
         for x in tqdm(hidden, desc="lm_head", unit="window", disable=not progress, leave=False):
             with timer.stage("calibration forward"):
@@ -297,38 +260,29 @@ def _quantize_head(model, hidden: list, opts: QuantizeOptions, device, part_file
     imp = None if importance is None else importance.get(HEAD)
     rec, loss, _ = quantize_linear(W.to(device), H, head_opts, HEAD, imp, timer=timer)
     with timer.stage("write"):
-        _save_block(part_file, {HEAD: rec}, {HEAD: loss})
+        _save_block(partial, HEAD_FILE, {HEAD: rec}, {}, {HEAD: loss})
     return rec, loss
 
 
-@torch.no_grad()
-def _block_outputs(block, inputs: list, kwargs: dict, device, replay: BlockReplay | None = None,
-                   done: int = 0) -> list:
-    """The block's output for every window (CPU); `replay`: after `done` subsets were quantized in it."""
-    if replay is None:
-        return [block(x.to(device), **kwargs).detach().cpu() for x in inputs]
-    replay.begin_pass(done, last=True)
-    try:
-        out = []
-        for w, x in enumerate(inputs):
-            replay.window = w
-            out.append(block(x.to(device), **kwargs).detach().cpu())
-        return out
-    finally:
-        replay.close()
-
-
 def quantize_model(model_dir, out, opts: QuantizeOptions, calib_text: str | None = None, device: str = "cpu",
-                   force: bool = False, progress: bool = True, replay_budget: int | None = None) -> QuantizeSummary:
+                   force: bool = False, progress: bool = True, replay_budget: int | None = None,
+                   importance: dict | None = None, activation_budget: int | None = None) -> QuantizeSummary:
     """Quantize the HF model in `model_dir` into a master checkpoint at `out` (atomic, resumable).
+    importance: {linear name: h (n_in,)} from an importance matrix (opts.imatrix names its file), used as diag(H)
+    where there is no calibration. activation_budget: bytes of calibration hidden states held in RAM (the rest
+    spill to a file under `<out>.partial`; None: half the free memory); like replay_budget it changes no result.
     replay_budget: bytes for replayed sub-module outputs within a block (replay.py; 0 turns replay off; None:
     a quarter of the free memory). It changes no result, only the time."""
-    from .data import calibration_windows
-    from .modeling import check_finite_weights, load_hf_model
+    from .data import calibration_windows, check_context
+    from .lazy import open_model
+    from .modeling import load_tokenizer
 
     timer = StageTimer()
     opts.validate()
-    model_dir, _, spec = read_model_dir(model_dir)
+    model_dir, hf_config, family = read_model_dir(model_dir)
+    _experts.check_config(family, hf_config)
+    if opts.calibrate:
+        check_context(hf_config, opts.seqlen)
     out = Path(out)
     if out.exists() and not force:
         raise UserError(f"output '{out}' already exists; choose another -o or pass --force")
@@ -336,18 +290,16 @@ def quantize_model(model_dir, out, opts: QuantizeOptions, calib_text: str | None
     budget = default_budget(device) if replay_budget is None else int(replay_budget)
     if opts.calibrate and calib_text is None:
         raise UserError("no calibration text given; pass --calib FILE (or --no-calib for data-free init)")
-    importance = None
-    if opts.imatrix:
-        from converters.gguf.imatrix import read_imatrix  # llama.cpp's file format lives with the GGUF converter
-
-        if not Path(opts.imatrix).is_file():
-            raise UserError(f"imatrix file '{opts.imatrix}' does not exist; pass a llama.cpp imatrix (.gguf or .dat)")
-        importance = read_imatrix(opts.imatrix, json.loads((model_dir / "config.json").read_text()))
+    if opts.imatrix and importance is None:
+        raise ValueError("opts.imatrix is set but no importance mapping was given (read it with "
+                         "converters.gguf.imatrix.read_imatrix, as the CLI does)")
     with timer.stage("load"):
-        model, tokenizer, config = load_hf_model(model_dir)
-        check_finite_weights(model)
-        blocks = get_blocks(model, spec)
-        prefix = spec.blocks_path
+        source = open_model(model_dir)  # weights stay in their shards until a block is quantized (lazy.py)
+        source.check_finite()
+        model, config = source.model, json.loads((model_dir / "config.json").read_text())
+        tokenizer = load_tokenizer(model_dir)
+        blocks = get_blocks(model, family)
+        prefix = family.blocks_path
         if opts.calibrate:
             windows = calibration_windows(tokenizer, calib_text, opts.nsamples, opts.seqlen, seed=opts.seed)
         else:
@@ -357,80 +309,94 @@ def quantize_model(model_dir, out, opts: QuantizeOptions, calib_text: str | None
     fp = _fingerprint(model_dir, opts, calib_text)
     discard_stale(partial, fp)
     mark(partial, fp, asdict(opts))
+    act_budget = default_activation_budget() if activation_budget is None else int(activation_budget)
+
+    for stale in partial.glob(".activations-*.bin"):  # spill files of a killed run
+        stale.unlink()
+
+    def new_store():  # the windows' hidden states: RAM up to the budget, then a spill file in the partial dir
+        return Activations(act_budget, partial, "activations")
 
     with timer.stage("calibration forward"):
-        inputs, kwargs = capture_block_inputs(model, blocks, windows, device, progress=progress and opts.calibrate)
-        kwargs = _to(kwargs, device)
+        source.materialize(family.embed)
+        inputs, block_kwargs = capture_block_inputs(model, blocks, windows, device,
+                                                    progress=progress and opts.calibrate, store=new_store())
+        block_kwargs = _to(block_kwargs, device)  # one copy of each table shared by several blocks
+        source.release(family.embed)
 
-    records, losses, resumed = {}, {}, 0
+    n_shards = len(blocks) + 1  # one master shard per block, then the rest (master_store.py)
+    fused = _experts.fused_tensor_names(family, config)  # MoE: held per expert in the records, never fused
+    modules, losses, resumed, head = {}, {}, 0, {}
     bar = tqdm(range(len(blocks)), desc="blocks", unit="block", disable=not progress)
     for k in bar:
-        block = blocks[k].to(device)
-        names = [f"{prefix}.{k}.{n}" for n in spec.linear_names]
-        block_file = partial / f"block_{k:04d}.safetensors"
+        with timer.stage("load"):
+            block = source.materialize(f"{prefix}.{k}").to(device)
+        shard = shard_name(k + 1, n_shards)
         replay = None
-        if block_file.exists():  # finished in an earlier run: its records, and the block's outputs recomputed
+        if block_done(partial, shard):  # finished in an earlier run: its records, and the block's outputs recomputed
             with timer.stage("resume"):
-                recs, ls = _load_block(block_file, names, opts)
+                recs, ls, mods = _load_block(partial, shard)
                 for n, rec in recs.items():
-                    lin = _submodule(block, n[len(f"{prefix}.{k}.") :])
-                    lin.weight.data = rec.dequantize().to(device, lin.weight.dtype)
+                    _experts.set_weight(block, n[len(f"{prefix}.{k}.") :], rec.dequantize())
             resumed += 1
         else:
             if opts.calibrate and budget > 0:
-                replay = BlockReplay(block, spec.subsets, len(inputs), budget)
-            recs, ls = _quantize_block(block, k, prefix, spec, inputs, kwargs, opts, device, bar, importance, timer,
-                                       replay)
-            with timer.stage("write"):
-                _save_block(block_file, recs, ls)
-        records.update(recs)
+                replay = BlockReplay(block, family.subsets, len(inputs), budget)
+            recs, ls = _quantize_block(block, k, prefix, family, inputs, block_kwargs[k], opts, device, bar,
+                                       importance, timer, replay)
+            with timer.stage("write"):  # the block's master shard: never held again
+                own = source.tensors(skip=set(recs) | fused,
+                                     select=lambda n, b=f"{prefix}.{k}.": n.startswith(b) and n not in fused)
+                mods = _save_block(partial, shard, recs, own, ls)
+        modules.update(mods)
         losses.update(ls)
         if k + 1 < len(blocks) or opts.lm_head_bits is not None:
             with timer.stage("calibration forward"):
-                inputs = _block_outputs(block, inputs, kwargs, device, replay, len(spec.subsets))
+                done_inputs = inputs
+                inputs = _block_outputs(block, inputs, block_kwargs[k], device, replay, len(family.subsets),
+                                        out=new_store())
+                if isinstance(done_inputs, Activations):
+                    done_inputs.close()
         elif replay is not None:
             replay.close()
+        del recs
         blocks[k] = block.to("cpu")
+        source.release(f"{prefix}.{k}")
     tied = bool(config.get("tie_word_embeddings", False))
     if opts.lm_head_bits is not None:
-        rec, loss = _quantize_head(model, inputs, opts, device, partial / "lm_head.safetensors", importance,
+        source.materialize(family.final_norm)
+        source.materialize(family.head)
+        rec, loss = _quantize_head(model, family, inputs, opts, device, partial, importance,
                                    progress=not bar.disable, timer=timer)
-        records[HEAD], losses[HEAD] = rec, loss
+        head[HEAD], losses[HEAD] = rec, loss
 
-    tensors = {n: t.detach().cpu() for n, t in model.state_dict().items()
-               if not (n.endswith(".weight") and n[: -len(".weight")] in records)}
+    in_blocks = tuple(f"{prefix}.{k}." for k in range(len(blocks)))
+    with timer.stage("load"):
+        rest = source.tensors(skip=set(modules) | set(head) | fused,
+                              select=lambda n: not n.startswith(in_blocks) and n not in fused)
     if tied:
-        tensors.pop("lm_head.weight", None)
-        if HEAD in records:  # the one shared matrix: the embedding is the quantized head, derived on load
-            tensors.pop(EMBED, None)
+        rest.pop("lm_head.weight", None)
+        if head:  # the one shared matrix: the embedding is the quantized head, derived on load
+            rest.pop(EMBED, None)
     qcfg = {"quant_method": "neuqi", "bits": opts.bits, "group_size": opts.group_size, "init": opts.init,
             "gptq": opts.gptq, "act_order": opts.act_order, "static_groups": True, "nsamples": opts.nsamples,
             "seqlen": opts.seqlen, "seed": opts.seed, "percdamp": opts.percdamp, "calibrated": opts.calibrate,
             "imatrix": Path(opts.imatrix).name if opts.imatrix else None, "gguf_lattice": bool(opts.gguf_types)}
-    if HEAD in records:
+    if head:
         qcfg["lm_head"] = {"bits": opts.lm_head_bits, "tied_embedding": tied}
-    master = MasterCheckpoint(config={**config, "quantization_config": qcfg}, linears=records, tensors=tensors,
-                              tokenizer_dir=model_dir)
-    with timer.stage("write"):
-        master.save(out, overwrite=force)
-    times = timer.ordered()
-    (out / TIMING_FILE).write_text(json.dumps({"seconds": {k: round(v, 3) for k, v in times.items()},
-                                               "total": round(timer.total(), 3), "device": str(device),
-                                               "threads": torch.get_num_threads()}, indent=1) + "\n")
+    with atomic_directory(out, overwrite=force) as tmp:  # the timing file too: a killed run leaves all or nothing
+        with timer.stage("write"):
+            assemble(tmp, partial, n_shards, head, rest, {**config, "quantization_config": {**qcfg, "modules": modules}},
+                     model_dir)
+        times = timer.ordered()
+        (tmp / TIMING_FILE).write_text(json.dumps({"seconds": {k: round(v, 3) for k, v in times.items()},
+                                                   "total": round(timer.total(), 3), "device": str(device),
+                                                   "threads": torch.get_num_threads()}, indent=1) + "\n")
+    if isinstance(inputs, Activations):
+        inputs.close()
     shutil.rmtree(partial, ignore_errors=True)
     return QuantizeSummary(
-        seconds=timer.total(), layers=len(records),
+        seconds=timer.total(), layers=len(losses),
         diag_loss=sum(v["diag"] for v in losses.values()), hessian_loss=sum(v["hessian"] for v in losses.values()),
         resumed_blocks=resumed, per_layer=losses, timing=timer.report(),
     )
-
-
-def resolve_device(device: str | None) -> torch.device:
-    """'cpu', 'cuda', 'cuda:N' or None/'auto' (CUDA when present); UserError for an unusable choice."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device} asked for, but no CUDA GPU is available; use --device cpu")
-    if not (str(device) == "cpu" or str(device).startswith("cuda")):
-        raise UserError(f"--device {device!r} is unknown; use cpu, cuda or auto")
-    return torch.device(device)

@@ -49,4 +49,63 @@ def _dump(header: dict) -> bytes:
     return json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
-__all__ = ["save_file", "sort_metadata"]
+
+
+# The library's dtype order (its Rust `Dtype` enum, which sorts the tensors in a file: larger first, then by name).
+_DTYPE_ORDER = ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64",
+                "I64", "U64")
+_TORCH_DTYPES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "F8_E5M2": "float8_e5m2", "F8_E4M3": "float8_e4m3fn",
+                 "I16": "int16", "U16": "uint16", "F16": "float16", "BF16": "bfloat16", "I32": "int32",
+                 "U32": "uint32", "F32": "float32", "F64": "float64", "I64": "int64", "U64": "uint64"}
+
+
+def _st_dtype(t) -> str:
+    name = str(t.dtype).removeprefix("torch.")
+    for k, v in _TORCH_DTYPES.items():
+        if v == name:
+            return k
+    raise ValueError(f"safetensors has no dtype for {t.dtype}")
+
+
+def _write_bytes(f, buf) -> None:
+    """One write of the streaming writer (a test replaces it to simulate a full disk)."""
+    f.write(buf)
+
+
+def write_file(tensors: dict, path, metadata: dict | None = None) -> None:
+    """The file safetensors' `save_file` writes (same bytes, `__metadata__` keys sorted), streamed: the header,
+    then each tensor's bytes in turn, so nothing but the tensors themselves is held. Not atomic: callers write a
+    temp name (atomic.py)."""
+    import torch
+
+    order = sorted(tensors, key=lambda n: (-_DTYPE_ORDER.index(_st_dtype(tensors[n])), n))
+    header, offset = {}, 0
+    if metadata:
+        header["__metadata__"] = {k: str(metadata[k]) for k in sorted(metadata)}
+    for name in order:
+        t = tensors[name]
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _st_dtype(t), "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = _dump(header)
+    raw += b" " * ((8 - len(raw) % 8) % 8)
+    with open(path, "wb") as f:
+        _write_bytes(f, len(raw).to_bytes(8, "little"))
+        _write_bytes(f, raw)
+        for name in order:
+            t = tensors[name].detach()
+            if t.numel():
+                t = t.cpu().contiguous().reshape(-1)
+                _write_bytes(f, memoryview((t.view(torch.uint8) if t.dtype != torch.uint8 else t).numpy()))
+
+
+def read_header(path) -> dict:
+    """The JSON header of safetensors file `path` (name -> dtype, shape, data_offsets; `__metadata__`)."""
+    with open(Path(path), "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n <= 0 or n > 100_000_000:
+            raise ValueError(f"header length {n} is not plausible")
+        return json.loads(f.read(n))
+
+
+__all__ = ["read_header", "save_file", "sort_metadata", "write_file"]

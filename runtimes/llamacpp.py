@@ -60,6 +60,9 @@ class LlamaCppScorer:
         path = Path(path)
         if not path.is_file():
             raise UserError(f"GGUF file '{path}' does not exist; export one with `neuqi-export export MASTER --to gguf`")
+        from neuqi_export.file_checks import gguf_header
+
+        gguf_header(path, "re-export it with `neuqi-export export MASTER --to gguf`")  # before llama.cpp parses it
         self.path = path
         self._grow = n_ctx is None
         self._opts = dict(n_threads=n_threads, n_batch=n_batch, n_gpu_layers=n_gpu_layers, extra_buffers=extra_buffers)

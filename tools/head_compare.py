@@ -30,7 +30,8 @@ from converters.mlx import export_mlx  # noqa: E402
 from converters.onnx.export import export_onnx  # noqa: E402
 from neuqi_export.assets import fetch_assets  # noqa: E402
 from neuqi_export.data import eval_windows, read_text  # noqa: E402
-from neuqi_export.demo import _weights_size, ppl_of, score  # noqa: E402
+from neuqi_export.cli.demo import _weights_size, ppl_of, score  # noqa: E402
+from neuqi_export.master_store import is_master_dir  # noqa: E402
 from neuqi_export.master import MasterCheckpoint  # noqa: E402
 from neuqi_export.pipeline import QuantizeOptions, quantize_model  # noqa: E402
 from runtimes.registry import load_all as load_runtimes  # noqa: E402
@@ -86,7 +87,7 @@ def main() -> None:
         head = None if hb == "float" else int(hb)
         key = f"b{bits}_g{args.group_size}_neuqi_gptq_n{args.nsamples}x{args.seqlen}_head{hb}"
         mdir = work / key
-        if not (mdir / "model.safetensors").is_file():
+        if not is_master_dir(mdir):
             opts = QuantizeOptions(bits=bits, group_size=args.group_size, init="neuqi", gptq=True,
                                    nsamples=args.nsamples, seqlen=args.seqlen, lm_head_bits=head)
             s = quantize_model(assets.model_dir, mdir, opts, calib_text=read_text(assets.calib_text), force=True,

@@ -97,6 +97,7 @@ def main() -> None:
 
     from converters.onnx import export_onnx
     from neuqi_export.assets import fetch_assets
+    from neuqi_export.master_store import is_master_dir
     from neuqi_export.data import eval_windows, read_text
     from neuqi_export.evaluate import perplexity_from_logits_fn, perplexity_hf
     from neuqi_export.master import MasterCheckpoint
@@ -150,7 +151,7 @@ def main() -> None:
     def master_dir(bits: int) -> Path:
         key = f"b{bits}_g{args.group_size}_{args.init}_gptq_n{args.nsamples}x{args.seqlen}"
         for d in (work / key, Path(args.masters_from) / key):
-            if (d / "model.safetensors").is_file():
+            if is_master_dir(d):
                 masters[bits] = d
                 return d
         opts = QuantizeOptions(bits=bits, group_size=args.group_size, init=args.init, gptq=True,
@@ -263,7 +264,7 @@ def main() -> None:
     tag = f"{args.init} + GPTQ, g{args.group_size}"
     for bits in args.bits:
         key = f"b{bits}_g{args.group_size}_{args.init}_gptq_n{args.nsamples}x{args.seqlen}"
-        found = [d for d in (work / key, Path(args.masters_from) / key) if (d / "model.safetensors").is_file()]
+        found = [d for d in (work / key, Path(args.masters_from) / key) if is_master_dir(d)]
         if found:
             masters[bits] = found[0]
         ref = torch_ref(bits)

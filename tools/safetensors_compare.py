@@ -8,7 +8,7 @@ Rows per bit width (g128, NeUQI init + GPTQ):
   compressed-tensors (refit)   export of the same float master: zero-points rounded, codes re-rounded on diag(H)
   master (neuqi_int)           a master quantized with integer zero-points
   compressed-tensors (exact)   export of the neuqi_int master, scored in transformers
-Every row is scored on the same token windows (runtimes' own forward passes, neuqi_export.demo.score); the
+Every row is scored on the same token windows (runtimes' own forward passes, neuqi_export.cli.demo.score); the
 Linux CPU build of MLX is slow, so the windows are few and short by default. Masters are taken from
 --masters (tools/report.py --keep-masters writes them) or quantized into --work; cells are cached as JSON.
 
@@ -29,7 +29,8 @@ from converters.compressed_tensors import export_compressed_tensors  # noqa: E40
 from converters.mlx import export_mlx  # noqa: E402
 from neuqi_export.assets import fetch_assets  # noqa: E402
 from neuqi_export.data import eval_windows, read_text  # noqa: E402
-from neuqi_export.demo import _weights_size, score  # noqa: E402
+from neuqi_export.cli.demo import _weights_size, score  # noqa: E402
+from neuqi_export.master_store import is_master_dir  # noqa: E402
 from neuqi_export.master import MasterCheckpoint  # noqa: E402
 from neuqi_export.pipeline import QuantizeOptions, quantize_model  # noqa: E402
 from runtimes.registry import load_all as load_runtimes  # noqa: E402
@@ -68,7 +69,7 @@ def main() -> None:
     def master(bits: int, init: str) -> Path:
         key = f"b{bits}_{gtag}_{init}_gptq_n{args.nsamples}x{args.seqlen}"
         for p in (masters / key, work / key):
-            if (p / "model.safetensors").is_file():
+            if is_master_dir(p):
                 return p
         opts = QuantizeOptions(bits=bits, group_size=args.group_size, init=init, gptq=True, nsamples=args.nsamples,
                                seqlen=args.seqlen)

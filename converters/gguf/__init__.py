@@ -2,7 +2,12 @@
 
     neuqi-export export MASTER --to gguf --type Q4_1 -o model.gguf
 
-Weight types (--type):
+Families: every registered family with a llama.cpp architecture (neuqi_export.archs; arch.py turns its entry
+into GGUF names and keys: Gemma norms stored as w + 1, sliding-window patterns, soft-caps, Granite's scales, phi3's
+fused attn_qkv / ffn_up); a config llama.cpp would run differently (NoPE layers off its fixed pattern, sliding
+windows an architecture does not apply, ...) is refused in one line before any output.
+
+Weight types (--type; each type's block, bits, file type, fallback, fit, pack and refit are its row in types.py):
 - Q4_1 (masters of <= 4 bits), Q5_1 (<= 5 bits): EXACT. A 32-weight block holds the master's codes
   unchanged, with d = scale, m = -scale*zero stored in fp16 (m compensates d's rounding). Needs
   group size % 32 == 0 (32/64/128/..., per-channel) and in % 32 == 0; otherwise the tensor is refit
@@ -12,6 +17,13 @@ Weight types (--type):
   master hdiag), codes re-rounded; the report gives each tensor's added error. Rows whose length is
   not a multiple of 256 get Q4_1 instead (exact when the master fits it), as llama-quantize also
   falls back to a legacy type there (SmolLM2: every linear but ffn_down, since 576 % 256 != 0).
+- Q8_0 (<= 8 bits: `quantize --bits 8`), Q4_0 (<= 4), Q5_0 (<= 5): symmetric blocks w = d*(q - c), EXACT when
+  the master's zero-points are integers that keep its codes in range (Q4_0 from 4 bits: Z = 8, the midpoint),
+  else (NeUQI's float zero-points) refit per 32-block on diag(H) (codebook.py); IQ4_NL (<= 4): always refit (its
+  values are not uniform). The report says which, per tensor. As llama-quantize's ftypes of the same names, the
+  output head is Q6_K (Q8_0 for --type Q8_0 or n_embd % 256 != 0) and an untied token_embd takes the type itself.
+  `--preset IQ4_NL` is llama-quantize's IQ4_NL mixture (Q5_K ffn_down in the first n/8 layers, Q5_K attn_v when
+  n_gqa >= 4), `--type IQ4_NL` every linear IQ4_NL (docs/GGUF_TYPES.md).
 
 Presets (--type Q3_K_M / --preset NAME, presets.py): llama-quantize's mixtures with its per-tensor
 types and its fallbacks (IQ4_NL / Q5_0 / Q5_1 / Q8_0 / F16) for rows that are not a multiple of 256;
@@ -28,7 +40,7 @@ Embeddings / output head (--embed-type, --output-type; unquantized in the master
 llama-quantize's Q4_1 preset: output.weight -> Q6_K (Q8_0 when n_embd % 256 != 0, e.g. SmolLM2's
 576); a tied token_embd is quantized like the output; an untied token_embd gets the base type
 (Q4_1/Q5_1, min-max round-to-nearest, as llama-quantize without imatrix; Q8_0 for K types). Choices:
-F32 F16 Q8_0 Q6_K Q4_1 Q5_1. On tiny random models the untied Q5_1 embedding alone moved logits by
+F32 F16 Q8_0 Q6_K Q4_1 Q5_1 Q4_0 Q5_0 IQ4_NL. On tiny random models the untied Q5_1 embedding alone moved logits by
 ~11% rms, so for parity measurements pass --embed-type Q8_0 (or F16).
 
 Python: `export_gguf(master, out, qtype="Q4_1", embed_type="auto", output_type="auto",
@@ -43,22 +55,21 @@ from pathlib import Path
 
 from converters.registry import Exporter, register
 
+from . import lattice  # noqa: F401 - registers the GGUF types as quantizer grids (neuqi_export.grids)
 from .presets import PRESETS
-from .writer import FLOAT_TYPES, WEIGHT_TYPES, export_gguf, export_original
-
-from .kquants import _register as _register_k
-
-_register_k()
+from .types import FLOAT_TYPES, SINGLE_TYPES
+from .writer import export_gguf, export_original
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--type", dest="gguf_type", default="Q4_1", choices=sorted(set(WEIGHT_TYPES) | set(PRESETS)),
-                   help="block type of the quantized linears: Q4_1/Q5_1 are exact, K types are refits, F16/F32 "
+    p.add_argument("--type", dest="gguf_type", default="Q4_1", choices=sorted(set(SINGLE_TYPES) | set(PRESETS)),
+                   help="block type of the quantized linears: Q4_1/Q5_1 are exact, Q8_0/Q4_0/Q5_0 exact when the "
+                        "master's zero-points allow (else refit on diag(H)), IQ4_NL and K types are refits, F16/F32 "
                         "dequantized; a llama-quantize mixture name (Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K) gives "
                         "per-tensor types as llama-quantize chooses them (default Q4_1)")
     p.add_argument("--preset", default=None, choices=PRESETS,
                    help="llama-quantize mixture (per-tensor types, incl. its fallbacks for rows not a multiple of "
-                        "256); overrides --type. Note --preset Q2_K is llama-quantize's Q2_K mix, --type Q2_K is all-Q2_K")
+                        "256); overrides --type. Note --preset Q2_K / IQ4_NL is llama-quantize's mix, --type Q2_K / IQ4_NL every linear that type")
     p.add_argument("--allow-narrower", action="store_true",
                    help="let a preset refit the master's codes into types with fewer bits (on diag(H)) instead of "
                         "refusing; with an 8-bit master this beats llama-quantize + imatrix (docs/GGUF_COMPARE.md)")

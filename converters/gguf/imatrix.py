@@ -51,7 +51,7 @@ def master_importance(master) -> tuple[dict[str, np.ndarray], int, int]:
     out = {}
     for hf, lin in master.linears.items():
         if hf not in names:
-            raise UserError(f"linear {hf!r} has no llama.cpp tensor name; imatrix export supports llama-style models")
+            raise UserError(f"linear {hf!r} has no llama.cpp tensor name; an imatrix holds the blocks' linears only")
         h = np.ones(lin.shape[1]) if lin.hdiag is None else lin.hdiag.double().cpu().numpy()
         raw = h - (p / (1 + p)) * h.mean()  # undo the damping: mean(hdiag) = (1+p) * mean(diag H)
         out[names[hf]] = np.maximum(raw, 0.0)
@@ -117,7 +117,7 @@ def read_imatrix_file(path) -> tuple[dict[str, np.ndarray], dict]:
     """({tensor name: importance (mean x²) float64 (n_in,) or (n_mat, n_in)}, metadata) from either format."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"imatrix file '{path}' does not exist")
+        raise UserError(f"imatrix file '{path}' does not exist; pass a llama.cpp imatrix (.gguf or .dat, e.g. from llama-imatrix)")
     with open(path, "rb") as f:
         magic = f.read(4)
     return _read_gguf(path) if magic == GGUF_MAGIC else _read_dat(path)
@@ -126,6 +126,9 @@ def read_imatrix_file(path) -> tuple[dict[str, np.ndarray], dict]:
 def _read_gguf(path: Path):
     import gguf
 
+    from neuqi_export.file_checks import gguf_header
+
+    gguf_header(path, "recreate the imatrix with llama-imatrix")
     try:
         r = gguf.GGUFReader(str(path))
     except Exception as exc:  # noqa: BLE001
@@ -173,9 +176,13 @@ def _read_dat(path: Path):
     out = {}
     for _ in range(n):
         (ln,) = take("<i")
+        if not 0 <= ln <= len(data) - pos:
+            raise UserError(f"'{path}' claims a {ln}-byte name past its end; it is not a complete llama.cpp imatrix file")
         name = data[pos:pos + ln].decode("utf-8", "replace")
         pos += ln
         ncall, nval = take("<ii")
+        if not 0 <= 4 * nval <= len(data) - pos:
+            raise UserError(f"'{path}' claims {nval} values for {name!r} past its end; it is not a complete imatrix file")
         v = np.frombuffer(data, "<f4", nval, pos).astype(np.float64)
         pos += 4 * nval
         out[name] = v / ncall if ncall > 0 else v
@@ -203,6 +210,8 @@ def read_imatrix(path, model_config: dict) -> dict:
         if g not in imp:
             continue
         v = np.asarray(imp[g])
+        if not np.isfinite(v).all() or (v < 0).any():
+            raise UserError(f"imatrix entry {g} in '{path}' holds NaN, Inf or negative values; recreate the imatrix")
         if v.ndim != 1:
             raise UserError(f"imatrix entry {g} has {v.shape[0]} expert matrices; only dense models are supported")
         want = n_in[g.split(".")[2]]

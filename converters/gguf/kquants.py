@@ -4,11 +4,13 @@ dequantized weights (the exact record) and h = the master's hdiag.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from . import chunked
 from .exact import PackedTensor, weighted_error
-from .packers import QK, pack_q4_1, pack_q5_1
+from .packers import QK
 
 
 def _solve_affine(x, h, q):
@@ -67,17 +69,16 @@ def _fit_affine_rows(x: np.ndarray, h: np.ndarray, levels: int, n_scales: int):
     return q.astype(np.uint8), d16, m16, w_hat
 
 
-def refit_legacy(w: np.ndarray, hdiag: np.ndarray | None, qtype: str, why: str) -> PackedTensor:
-    """Q4_1 / Q5_1 from master dequantized weights (rows, in), in % 32 == 0."""
-    levels, packer = {"Q4_1": (16, pack_q4_1), "Q5_1": (32, pack_q5_1)}[qtype]
+def refit_legacy(gtype, w: np.ndarray, hdiag: np.ndarray | None, why: str) -> PackedTensor:
+    """Q4_1 / Q5_1 (gtype: its row in types.py) from master dequantized weights (rows, in), in % 32 == 0."""
     rows, n = w.shape
     h = np.ones(n) if hdiag is None else np.asarray(hdiag, np.float64)
     xb = w.reshape(rows, n // QK, QK)
-    q, d16, m16, _ = fit_affine_blocks(xb, h.reshape(1, n // QK, QK), levels)
-    data = packer(q.reshape(rows, n), d16, m16)
+    q, d16, m16, _ = fit_affine_blocks(xb, h.reshape(1, n // QK, QK), gtype.levels)
+    data = gtype.pack((d16, m16), q.reshape(rows, n))
     w_new = np.repeat(d16.astype(np.float32), QK, 1) * q.reshape(rows, n).astype(np.float32) + np.repeat(m16.astype(np.float32), QK, 1)
     err, rel = weighted_error(w, w_new, h)
-    return PackedTensor(data, qtype, False, err, rel, f"refit ({why})")
+    return PackedTensor(data, gtype.name, False, err, rel, f"refit ({why})")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -93,15 +94,20 @@ def refit_legacy(w: np.ndarray, hdiag: np.ndarray | None, qtype: str, why: str) 
 #      it lowers the error after fp16 rounding and code re-rounding.
 # Everything is vectorised over all super-blocks of a tensor.
 
-from .packers import QK_K, pack_q2_k, pack_q3_k, pack_q4_k  # noqa: E402
+from .packers import QK_K  # noqa: E402
 
-# type -> (sub-block size, code levels, max master bits to seed from, sub-scale int max, has min)
-K_TYPES = {
-    "Q4_K": (32, 16, 4, 63, True),
-    "Q2_K": (16, 4, 2, 15, True),
-    "Q3_K": (16, 8, 3, 31, False),  # signed scales -32..31, codes -4..3, no min
-}
-_FIT_SPECS = {**K_TYPES, "Q5_K": (32, 32, 5, 63, True)}  # fit_k_params also fits Q5_K (a preset's extra type)
+
+@dataclass(frozen=True)
+class KSpec:
+    """A K type's super-block as the fit sees it (each K type's row in types.py holds one)."""
+
+    sub_block: int  # weights per sub-block scale (and min)
+    levels: int  # codes 0..levels-1
+    seed_bits: int  # the widest master codes whose (s, Z) seed the sub-block start
+    imax: int  # largest integer sub-scale / min (Q3_K: signed, -imax-1..imax)
+    with_min: bool  # affine sub-blocks d*sc*q - dmin*mn (False: symmetric d*sc*v, Q3_K)
+
+
 _F16_TINY = 6.2e-5  # keep super-scales in the normal fp16 range where possible
 
 
@@ -235,20 +241,20 @@ def search_super_scales(x, hh, s_t, m_t, d0, dm0, levels: int, imax: int, with_m
     return np.where(b, pd, d), np.where(b, pdm, dm), sc, mn, np.where(b[:, None, None], q2, q)
 
 
-def fit_k_params(w: np.ndarray, h: np.ndarray, qtype: str, seed: tuple[np.ndarray, np.ndarray] | None = None):
-    """K-type (Q2_K..Q5_K) block parameters for w (rows, n), n % 256 == 0, minimising Σ h (w - ŵ)².
+def fit_k_params(w: np.ndarray, h: np.ndarray, spec: KSpec, seed: tuple[np.ndarray, np.ndarray] | None = None):
+    """K-type (Q2_K..Q5_K, spec: its KSpec) block parameters for w (rows, n), n % 256 == 0, minimising Σ h (w - ŵ)².
 
-    Returns (params, q): params = (sc, mn, d16, dm16) for pack_k (sc/mn int64 (rows, n/B), d16/dm16 float16
-    (rows, n/256)); q uint8 (rows, n) codes 0..levels-1 (Q3_K: the stored code, value + 4)."""
-    parts = chunked.map_row_chunks(lambda r: _fit_k_rows(w[r], h, qtype, None if seed is None else (seed[0][r], seed[1][r])),
+    Returns (params, q): params = (sc, mn, d16, dm16) for the type's pack (types.py; sc/mn int64 (rows, n/B),
+    d16/dm16 float16 (rows, n/256)); q uint8 (rows, n) codes 0..levels-1 (Q3_K: the stored code, value + 4)."""
+    parts = chunked.map_row_chunks(lambda r: _fit_k_rows(w[r], h, spec, None if seed is None else (seed[0][r], seed[1][r])),
                            w.shape[0], w.shape[1])
     params = tuple(np.concatenate([p[0][i] for p in parts]) for i in range(4))
     return params, np.concatenate([p[1] for p in parts])
 
 
-def _fit_k_rows(w: np.ndarray, h: np.ndarray, qtype: str, seed):
+def _fit_k_rows(w: np.ndarray, h: np.ndarray, spec: KSpec, seed):
     """fit_k_params on a block of rows."""
-    B, levels, _, imax, with_min = _FIT_SPECS[qtype]
+    B, levels, imax, with_min = spec.sub_block, spec.levels, spec.imax, spec.with_min
     rows, n = w.shape
     nsup = n // QK_K
     nsub = QK_K // B
@@ -281,28 +287,19 @@ def _fit_k_rows(w: np.ndarray, h: np.ndarray, qtype: str, seed):
     return params, q.astype(np.uint8)
 
 
-def pack_k(qtype: str, params, q: np.ndarray) -> np.ndarray:
-    """Q2_K / Q3_K / Q4_K bytes from fit_k_params' params and codes q (rows, n) uint8."""
-    sc, mn, d16, dm16 = params
-    if qtype == "Q4_K":
-        return pack_q4_k(q, sc, mn, d16, dm16)
-    if qtype == "Q2_K":
-        return pack_q2_k(q, sc, mn, d16, dm16)
-    return pack_q3_k(q, sc, d16)
-
-
-def fit_k(w: np.ndarray, h: np.ndarray, qtype: str, seed: tuple[np.ndarray, np.ndarray] | None = None):
-    """Refit w (rows, n), n % 256 == 0, to a K type. Returns (packed bytes, ŵ float32 as the runtime reads it)."""
+def fit_k(gtype, w: np.ndarray, h: np.ndarray, seed: tuple[np.ndarray, np.ndarray] | None = None):
+    """Refit w (rows, n), n % 256 == 0, to K type gtype (its row in types.py). Returns (packed bytes, ŵ float32 as
+    the runtime reads it)."""
     import gguf
 
-    params, q = fit_k_params(w, h, qtype, seed)
-    data = pack_k(qtype, params, q)
-    return data, gguf.quants.dequantize(data, gguf.GGMLQuantizationType[qtype])
+    params, q = fit_k_params(w, h, gtype.k, seed)
+    data = gtype.pack(params, q)
+    return data, gguf.quants.dequantize(data, gguf.GGMLQuantizationType[gtype.name])
 
 
-def refit_k(w: np.ndarray, hdiag: np.ndarray | None, qtype: str, bits: int, group_size: int,
+def refit_k(gtype, w: np.ndarray, hdiag: np.ndarray | None, bits: int, group_size: int,
             scale: np.ndarray | None = None, zero: np.ndarray | None = None) -> PackedTensor:
-    """A master linear (dequantized w, rows x in, in % 256 == 0) refit to a K type.
+    """A master linear (dequantized w, rows x in, in % 256 == 0) refit to K type gtype (its row in types.py).
 
     scale/zero (rows, n_groups): the master's parameters; they seed the sub-block (s, m) when its
     groups cover whole sub-blocks and its bits fit the type's codes.
@@ -311,22 +308,12 @@ def refit_k(w: np.ndarray, hdiag: np.ndarray | None, qtype: str, bits: int, grou
     if n % QK_K:
         raise ValueError(f"input dim {n} is not a multiple of {QK_K}")
     h = np.ones(n) if hdiag is None else np.asarray(hdiag, np.float64)
-    B, _, seed_bits, _, with_min = K_TYPES[qtype]
+    B, seed_bits, with_min = gtype.k.sub_block, gtype.k.seed_bits, gtype.k.with_min
     seed = None
     if with_min and scale is not None and bits <= seed_bits and group_size % B == 0:
         gidx = (np.arange(n // B) * B) // group_size
         s = np.asarray(scale, np.float64)[:, gidx]
         seed = (s, -s * np.asarray(zero, np.float64)[:, gidx])
-    data, w_new = fit_k(w, h, qtype, seed)
+    data, w_new = fit_k(gtype, w, h, seed)
     err, rel = weighted_error(w, w_new, h)
-    return PackedTensor(data, qtype, False, err, rel, "K-quant refit (diag-H)")
-
-
-def _register() -> None:
-    import gguf
-
-    from .writer import register_weight_type
-
-    register_weight_type("Q4_K", 4, gguf.LlamaFileType.MOSTLY_Q4_K_S)
-    register_weight_type("Q3_K", 3, gguf.LlamaFileType.MOSTLY_Q3_K_S)
-    register_weight_type("Q2_K", 2, gguf.LlamaFileType.MOSTLY_Q2_K)
+    return PackedTensor(data, gtype.name, False, err, rel, "K-quant refit (diag-H)")

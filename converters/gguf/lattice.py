@@ -6,7 +6,7 @@ Q4_1/Q5_1: d*q + m) or a fixed non-uniform table (IQ4_NL: d*kv[q]). A linear is 
 way NeUQI + GPTQ quantize a uniform grid:
 
   1. fit the type's block parameters on the ORIGINAL weights with the diag(H) objective Σ_j h_j (w_j − ŵ_j)²
-     (the fitting code of kquants.py / presets.py, here fed W instead of a master's dequantized values);
+     (the types' fitting code, types.py, here fed W instead of a master's dequantized values);
   2. read the K values of every sub-block exactly as llama.cpp computes them: pack the parameters with weight
      k of every sub-block set to code k and dequantize once with gguf.quants (no second formula that could
      drift from the runtime; for K > 32 the affine progression is read from k = 0 and 1);
@@ -20,98 +20,34 @@ parameters on a weighted objective); dequantization is gguf-py's.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import gguf
 import numpy as np
 import torch
 
+from neuqi_export import grids
 from neuqi_export.errors import UserError
+from neuqi_export.master import GGUFLinear
 from neuqi_export.gptq import GPTQFactor, TableColumns, gptq_with_rounding, nearest, nearest_affine
 from neuqi_export.timing import StageTimer
 
-from .kquants import fit_affine_blocks, fit_k_params, pack_k
-from .packers import QK, QK_K, fit_q6_k_params, fit_q8_0_params, pack_q4_1, pack_q5_1, pack_q6_k, pack_q8_0
-from .presets import CODEBOOKS, fit_codebook_blocks, fit_q5_k_params, pack_codebook, pack_q5_k
-
-FLOAT = ("F16", "F32")
+from .types import TYPES, GGUFType
 
 
-@dataclass(frozen=True)
-class LatticeType:
-    """A GGUF block type seen as per-sub-block value sets: fit(w, h) -> (params, codes), pack(params, codes) -> bytes."""
-
-    name: str
-    sub_block: int  # weights sharing one value set
-    levels: int  # K, codes 0..K-1
-    row_multiple: int  # rows (input dims) must be a multiple of this
-    fit: Callable[[np.ndarray, np.ndarray], tuple[tuple, np.ndarray]]
-    pack: Callable[[tuple, np.ndarray], np.ndarray]
+def lattice_types() -> tuple[str, ...]:
+    """The GGUF types with a K-quant-aware mode (a lattice: values per sub-block, fit and pack), from their rows."""
+    return tuple(t for t, row in TYPES.items() if row.levels)
 
 
-def _k(name):
-    return (lambda w, h: fit_k_params(w, h, name)), (lambda p, q: pack_k(name, p, q))
+def lattice(qtype: str) -> GGUFType:
+    """The type's row (types.py) when it has a lattice; UserError naming the types that have one otherwise."""
+    row = TYPES.get(qtype)
+    if row is None or not row.levels:
+        raise UserError(f"GGUF type {qtype} has no K-quant-aware mode; use one of {', '.join(lattice_types())} or F16")
+    return row
 
 
-def _codebook(name):
-    kv = CODEBOOKS[name]
-
-    def fit(w, h):
-        rows, n = w.shape
-        q, d = fit_codebook_blocks(np.asarray(w, np.float64).reshape(rows, n // QK, QK), h.reshape(1, n // QK, QK), kv)
-        return (d,), q.reshape(rows, n)
-
-    return fit, (lambda p, q: pack_codebook(name, q, p[0]))
-
-
-def _affine(levels, packer):
-    def fit(w, h):
-        rows, n = w.shape
-        q, d16, m16, _ = fit_affine_blocks(np.asarray(w, np.float64).reshape(rows, n // QK, QK),
-                                           h.reshape(1, n // QK, QK), levels)
-        return (d16, m16), q.reshape(rows, n)
-
-    return fit, (lambda p, q: packer(q, p[0], p[1]))
-
-
-def _q6_k_fit(w, h):
-    sc, d16, q = fit_q6_k_params(w)  # 64 levels: the plain fit; weighting adds next to nothing at 6 bits
-    return (sc, d16), q
-
-
-def _q8_0_fit(w, h):
-    d, q = fit_q8_0_params(w)
-    return (d,), (q.astype(np.int16) + 128).astype(np.uint8)
-
-
-LATTICES: dict[str, LatticeType] = {}
-for _name, _B, _K, _mult, (_fit, _pack) in (
-    ("Q2_K", 16, 4, QK_K, _k("Q2_K")),
-    ("Q3_K", 16, 8, QK_K, _k("Q3_K")),
-    ("Q4_K", 32, 16, QK_K, _k("Q4_K")),
-    ("Q5_K", 32, 32, QK_K, (fit_q5_k_params, lambda p, q: pack_q5_k(q, *p))),
-    ("Q6_K", 16, 64, QK_K, (_q6_k_fit, lambda p, q: pack_q6_k(q, *p))),
-    ("Q4_0", 32, 16, QK, _codebook("Q4_0")),
-    ("Q5_0", 32, 32, QK, _codebook("Q5_0")),
-    ("IQ4_NL", 32, 16, QK, _codebook("IQ4_NL")),
-    ("Q4_1", 32, 16, QK, _affine(16, pack_q4_1)),
-    ("Q5_1", 32, 32, QK, _affine(32, pack_q5_1)),
-    ("Q8_0", 32, 256, QK, (_q8_0_fit, lambda p, q: pack_q8_0(q.astype(np.int16) - 128, p[0]))),
-):
-    LATTICES[_name] = LatticeType(_name, _B, _K, _mult, _fit, _pack)
-
-
-CODEBOOK_LATTICES = ("IQ4_NL",)  # values not affine in the code: nearest by search
-
-
-def lattice(qtype: str) -> LatticeType:
-    """The registered LatticeType; UserError naming the supported ones otherwise."""
-    if qtype not in LATTICES:
-        raise UserError(f"GGUF type {qtype} has no K-quant-aware mode; use one of {', '.join(LATTICES)} or F16")
-    return LATTICES[qtype]
-
-
-def sub_block_values(lt: LatticeType, params: tuple, rows: int, n: int) -> np.ndarray:
+def sub_block_values(lt: GGUFType, params: tuple, rows: int, n: int) -> np.ndarray:
     """float32 (rows, n/B, K): the value code k stands for in each sub-block, as gguf.quants dequantizes it."""
     ggml = gguf.GGMLQuantizationType[lt.name]
     B, K = lt.sub_block, lt.levels
@@ -142,12 +78,12 @@ def quantize_for_type(W: torch.Tensor, H: torch.Tensor | None, hdiag: torch.Tens
     given and gptq) or nearest rounding on that fixed lattice. H damped (n, n) or None; hdiag (n,)."""
     timer = timer or StageTimer()
     rows, n = W.shape
-    if qtype in FLOAT:
+    if qtype in TYPES and TYPES[qtype].is_float:
         data = W.detach().cpu().numpy().astype(np.float16 if qtype == "F16" else np.float32)
         return LatticeResult(data, torch.from_numpy(data.astype(np.float32)))
     lt = lattice(qtype)
-    if n % lt.row_multiple:
-        raise UserError(f"{qtype} needs an input dim that is a multiple of {lt.row_multiple}, got {n}; "
+    if n % lt.block:
+        raise UserError(f"{qtype} needs an input dim that is a multiple of {lt.block}, got {n}; "
                         f"use a type whose block divides it (the presets fall back like llama-quantize)")
     w64 = W.detach().cpu().double().numpy()
     h = hdiag.detach().cpu().double().numpy()
@@ -155,10 +91,10 @@ def quantize_for_type(W: torch.Tensor, H: torch.Tensor | None, hdiag: torch.Tens
         params, _ = lt.fit(w64, h)
         V = torch.from_numpy(sub_block_values(lt, params, rows, n)).to(W.device)  # (rows, nsub, K)
     B = lt.sub_block
-    near = nearest if lt.name in CODEBOOK_LATTICES else nearest_affine
+    near = nearest_affine if lt.affine else nearest
     if gptq and H is not None:
         with timer.stage("gptq"):
-            codes = gptq_with_rounding(W, H, TableColumns(V, B, affine=lt.name not in CODEBOOK_LATTICES),
+            codes = gptq_with_rounding(W, H, TableColumns(V, B, affine=lt.affine),
                                        act_order=act_order, factor=factor)
     else:  # rows in chunks: the (rows, n, K) distance tensor of a big layer with K = 64/256 would not fit
         Wv = W.to(torch.float32).reshape(rows, n // B, B)
@@ -171,3 +107,17 @@ def quantize_for_type(W: torch.Tensor, H: torch.Tensor | None, hdiag: torch.Tens
         deq = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[qtype]).reshape(rows, n)
     return LatticeResult(data, torch.from_numpy(np.ascontiguousarray(deq, np.float32)))
 
+
+
+@dataclass(frozen=True)
+class GGUFGrid:
+    """A GGUF block type as a grid of the quantizer (neuqi_export.grids): the master holds the packed blocks."""
+
+    qtype: str
+
+    def quantize(self, W, H, hdiag, *, gptq, act_order, timer, factor):
+        res = quantize_for_type(W, H, hdiag, self.qtype, gptq=gptq, act_order=act_order, timer=timer, factor=factor)
+        return GGUFLinear(torch.from_numpy(res.data), self.qtype, tuple(W.shape), hdiag.cpu()), res.deq.to(W.device)
+
+
+grids.register("gguf", GGUFGrid)  # the pipeline asks for "gguf" grids by type name (QuantizeOptions.gguf_types)

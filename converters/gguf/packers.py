@@ -223,3 +223,15 @@ def fit_q6_k_params(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     q = np.clip(np.round(np.where(eff[..., None] == 0, 0, x / np.where(eff == 0, 1, eff)[..., None])), -32, 31)
     q = (q + 32).astype(np.uint8).reshape(rows, n)
     return sc.astype(np.int8).reshape(rows, nsb * 16), d16, q
+
+
+def pack_q5_k(q: np.ndarray, sc: np.ndarray, mn: np.ndarray, d: np.ndarray, dmin: np.ndarray) -> np.ndarray:
+    """Q5_K (256 weights, 176 bytes): fp16 d, fp16 dmin, 12 bytes 6-bit scales/mins (as Q4_K), 32 bytes qh
+    (byte l, bit s = 5th bit of sub-block s's weight l), 128 bytes low nibbles (as Q4_K)."""
+    q = np.asarray(q, np.uint8)
+    rows, n = q.shape
+    nsb = n // QK_K
+    k4 = pack_q4_k(q & np.uint8(15), sc, mn, d, dmin).reshape(rows, nsb, 144)
+    hi = (q.reshape(rows, nsb, 8, 32) >> np.uint8(4)) & np.uint8(1)
+    qh = np.packbits(hi.transpose(0, 1, 3, 2), axis=-1, bitorder="little").reshape(rows, nsb, 32)
+    return np.concatenate([k4[..., :16], qh, k4[..., 16:]], -1).reshape(rows, nsb * 176)

@@ -10,28 +10,17 @@ import numpy as np
 from converters.registry import ExportReport, TensorReport
 from neuqi_export.atomic import atomic_file
 from neuqi_export.errors import UserError
+from neuqi_export.experts import num_experts
 from neuqi_export.master import HEAD, GGUFLinear
 
-from . import metadata
-from .exact import LEGACY_TYPES, NotRepresentable, PackedTensor, master_dequant, pack_exact, weighted_error
-from .kquants import K_TYPES, refit_k, refit_legacy
-from .packers import QK, QK_K, quantize_q6_k, quantize_q8_0
+from . import arch as _arch
+from . import experts as _experts
+from . import metadata, vocab
+from .exact import NotRepresentable, PackedTensor, master_dequant, weighted_error
+from .packers import QK
+from .types import FLOAT_TYPES, SINGLE_TYPES, TYPES, fallback_type, head_type
 
-# --type -> (max master bits, general.file_type)
-WEIGHT_TYPES = {
-    "Q4_1": (4, gguf.LlamaFileType.MOSTLY_Q4_1),
-    "Q5_1": (5, gguf.LlamaFileType.MOSTLY_Q5_1),
-    "F16": (16, gguf.LlamaFileType.MOSTLY_F16),  # linears stored dequantized (the master's values in fp16)
-    "F32": (32, gguf.LlamaFileType.ALL_F32),
-}
-FLOAT_TYPES = ("auto", "F32", "F16", "Q8_0", "Q6_K", "Q4_1", "Q5_1")
-_ARCH_ENUM = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}
 _SKIP = re.compile(r"rotary_emb\.inv_freq$")
-
-
-def register_weight_type(name: str, max_bits: int, file_type) -> None:
-    """Used by the K-quant module to add its types."""
-    WEIGHT_TYPES[name] = (max_bits, file_type)
 
 
 def rope_permutation(n_rows: int, n_head: int) -> np.ndarray:
@@ -49,51 +38,22 @@ def rope_permutation(n_rows: int, n_head: int) -> np.ndarray:
 
 
 def _float_tensor(w: np.ndarray, qtype: str) -> PackedTensor:
-    """An unquantized master tensor (embedding / output head) stored as qtype."""
-    w = np.asarray(w, np.float32)
-    rows, n = w.shape
-    if qtype == "F32":
-        return PackedTensor(w, "F32", True, 0.0, 0.0, "float")
-    if qtype == "F16":
-        data = w.astype(np.float16)
-        if not np.isfinite(data).all():
-            raise UserError("a weight exceeds the fp16 range; choose --embed-type/--output-type F32 or Q8_0")
-        back = data.astype(np.float32)
-    elif qtype == "Q8_0":
-        if n % QK:
-            raise UserError(f"Q8_0 needs a row length divisible by {QK} (got {n}); choose F16")
-        data = quantize_q8_0(w)
-        back = gguf.quants.dequantize(data, gguf.GGMLQuantizationType.Q8_0)
-    elif qtype == "Q6_K":
-        if n % QK_K:
-            raise UserError(f"Q6_K needs a row length divisible by {QK_K} (got {n}); choose Q8_0 or F16")
-        data = quantize_q6_k(w)
-        back = gguf.quants.dequantize(data, gguf.GGMLQuantizationType.Q6_K)
-    elif qtype in ("Q4_1", "Q5_1"):
-        if n % QK:
-            raise UserError(f"{qtype} needs a row length divisible by {QK} (got {n}); choose F16")
-        t = gguf.GGMLQuantizationType[qtype]
-        data = gguf.quants.quantize(w, t)  # min-max round-to-nearest, as llama-quantize without imatrix
-        back = gguf.quants.dequantize(data, t)
-    else:
-        from .presets import BLOCK, EXTRA_TYPES, refit_extra  # types a preset's plan may ask for
-
-        if qtype in EXTRA_TYPES and n % BLOCK[qtype] == 0:
-            return refit_extra(w, None, qtype, "from float (unquantized in the master)")
-        if qtype in ("Q2_K", "Q3_K", "Q4_K") and n % QK_K == 0:
-            return refit_k(w.astype(np.float64), None, qtype, 8, n)
+    """An unquantized master tensor (embedding / output head) stored as qtype (its row's from_float)."""
+    if qtype not in TYPES:
         raise UserError(f"unknown tensor type {qtype!r}; use one of {', '.join(FLOAT_TYPES[1:])}")
-    err, rel = weighted_error(w, back, np.ones(n))
-    return PackedTensor(data, qtype, False, err, rel, "from float (unquantized in the master)")
+    return TYPES[qtype].from_float(np.asarray(w, np.float32))
 
 
-def default_output_type(n_embd: int) -> str:
-    """llama-quantize's rule for output.weight (and a tied token_embd): Q6_K, or Q8_0 when the row is not a multiple of 256."""
-    return "Q6_K" if n_embd % QK_K == 0 else "Q8_0"
+def default_output_type(n_embd: int, base: str = "Q4_1") -> str:
+    """llama-quantize's rule for output.weight (and a tied token_embd) with linears of type `base`: Q6_K, or Q8_0
+    when the row is not a multiple of 256 or base is Q8_0 (types.head_type)."""
+    return head_type(base, n_embd)
 
 
 def _pack_linear(lin, qtype: str, perm: np.ndarray | None) -> PackedTensor:
-    """A master linear (codes, scale, zero) as qtype: Q4_1/Q5_1 exact when its codes fit, else refit on diag(H)."""
+    """A master linear (codes, scale, zero) as qtype: exact when its codes fit (Q4_1/Q5_1: codes of at most their
+    bits; Q8_0/Q4_0/Q5_0: integer zero-points that keep the codes in range), else refit on diag(H) with the
+    reason in the note (IQ4_NL always: its values are no uniform grid)."""
     codes = lin.codes.cpu().numpy().astype(np.uint8)
     scale = lin.scale.float().cpu().numpy()
     zero = lin.zero.float().cpu().numpy()
@@ -101,21 +61,22 @@ def _pack_linear(lin, qtype: str, perm: np.ndarray | None) -> PackedTensor:
         codes, scale, zero = codes[perm], scale[perm], zero[perm]
     hdiag = None if lin.hdiag is None else lin.hdiag.float().cpu().numpy()
     g = lin.effective_group_size
-    if qtype in LEGACY_TYPES:
+    row = TYPES[qtype]
+    if row.tries_exact:
         try:
-            return pack_exact(codes, scale, zero, g, lin.bits, hdiag, qtype)
+            return row.exact(codes, scale, zero, g, lin.bits, hdiag)
         except NotRepresentable as exc:
             why = str(exc)
         return refit_values(master_dequant(codes, scale, zero, g), hdiag, qtype, why, undivided=why)
     w = master_dequant(codes, scale, zero, g)
-    if qtype not in K_TYPES or w.shape[1] % QK_K == 0:
+    if not row.legacy_fallback or w.shape[1] % row.block == 0:
         return refit_values(w, hdiag, qtype, k_seed=(lin.bits, g, scale, zero))
     # like llama-quantize, a row that is not a multiple of 256 gets a legacy type: Q4_1 (exact when the
     # master fits it), else Q5_1 exact, else a Q4_1 refit
-    why = f"input dim {w.shape[1]} is not a multiple of {QK_K}"
-    for legacy in ("Q4_1", "Q5_1"):
+    why = f"input dim {w.shape[1]} is not a multiple of {row.block}"
+    for legacy in (t for t, r in TYPES.items() if r.exact_capable):  # Q4_1, then Q5_1
         try:
-            pt = pack_exact(codes, scale, zero, g, lin.bits, hdiag, legacy)
+            pt = TYPES[legacy].exact(codes, scale, zero, g, lin.bits, hdiag)
             pt.note = f"{legacy} instead of {qtype} ({why}); codes exact"
             return pt
         except NotRepresentable:
@@ -129,11 +90,9 @@ def _pack_linear(lin, qtype: str, perm: np.ndarray | None) -> PackedTensor:
 def _pack_typed(lin: GGUFLinear, qtype: str, perm: np.ndarray | None) -> PackedTensor:
     """A linear already quantized for a GGUF type: its blocks as they are (rows permuted for rope), or, when
     the export asks for another type, a refit of its values on its diag(H)."""
-    from .presets import BLOCK, fallback_type
-
     n = lin.shape[1]
     asked = qtype
-    if qtype in BLOCK:  # a type whose block does not divide the row: llama-quantize's fallback type for it
+    if qtype in TYPES:  # a type whose block does not divide the row: llama-quantize's fallback type for it
         qtype = fallback_type(qtype, n)
     if lin.qtype == qtype:
         data = lin.data.cpu().numpy()
@@ -151,21 +110,27 @@ def refit_values(w: np.ndarray, hdiag: np.ndarray | None, qtype: str, note: str 
                  undivided: str | None = None, k_seed: tuple | None = None) -> PackedTensor:
     """Float values w (rows, n) stored as `qtype`, refit on diag(H) (hdiag; None = 1); F16 when qtype's block does
     not divide n. note: the refit's report note; k_seed: a master's (bits, group_size, scale, zero) for a K type."""
-    from .presets import BLOCK, EXTRA_TYPES, refit_extra
-
     n = w.shape[1]
     if qtype == "F32":
         return _float_tensor(w, qtype)
     if qtype == "F16":
         return _fallback_float(w, hdiag, f16_why)
-    if n % BLOCK.get(qtype, QK):
+    if n % (TYPES[qtype].block if qtype in TYPES else QK):
         return _fallback_float(w, hdiag, undivided or f"{qtype} does not divide input dim {n}")
-    if qtype in EXTRA_TYPES:
-        return refit_extra(w, hdiag, qtype, note)
-    if qtype in LEGACY_TYPES:
-        return refit_legacy(w, hdiag, qtype, note)
-    bits, group_size, scale, zero = k_seed or (8, n, None, None)
-    return refit_k(w, hdiag, qtype, bits, group_size, scale, zero)
+    return TYPES[qtype].refit(w, hdiag, note, seed=k_seed)
+
+
+def _pack_folded(lin, qtype: str, perm, fold: float) -> PackedTensor:
+    """A q projection times the query fold: the master's scales times it (codes unchanged, as exact as any
+    master linear), or for a linear already in a GGUF type a refit of its scaled values."""
+    if not isinstance(lin, GGUFLinear):
+        pt = _pack_linear(_arch.fold_linear(lin, fold), qtype, perm)
+    else:
+        w = lin.dequantize().double().numpy() * fold
+        hdiag = None if lin.hdiag is None else lin.hdiag.float().cpu().numpy()
+        pt = refit_values(w if perm is None else w[perm], hdiag, qtype, f"refit from {lin.qtype} x{fold:.4g}")
+    pt.note = f"{pt.note}; scales x{fold:.4g} (query scale)"
+    return pt
 
 
 def _fallback_float(w: np.ndarray, hdiag, why: str) -> PackedTensor:
@@ -203,17 +168,20 @@ def export_gguf(master, out, qtype: str = "Q4_1", embed_type: str = "auto", outp
     if preset is not None:
         preset = _presets._check_preset(preset)
         plan = _presets.preset_plan(preset, master.config, tied=_is_tied(master))
-        qtype = _presets.BASE[preset] if _presets.BASE[preset] in WEIGHT_TYPES else "Q4_1"
-    if qtype not in WEIGHT_TYPES:
-        raise UserError(f"--type {qtype} is not supported for GGUF; use one of {', '.join(WEIGHT_TYPES)}")
+        qtype = _presets.BASE[preset] if _presets.BASE[preset] in SINGLE_TYPES else "Q4_1"
+    if qtype not in SINGLE_TYPES:
+        raise UserError(f"--type {qtype} is not supported for GGUF; use one of {', '.join(SINGLE_TYPES)}")
     for opt, val in (("--embed-type", embed_type), ("--output-type", output_type)):
         if val not in FLOAT_TYPES:
             raise UserError(f"{opt} {val} is not supported; use one of {', '.join(FLOAT_TYPES)}")
     if out.exists() and not overwrite:
         raise UserError(f"output '{out}' already exists; choose another -o or pass --force")
     config = master.config
-    arch, permute = metadata.gguf_arch(config)
-    max_bits, file_type = WEIGHT_TYPES[qtype]
+    fam = _arch.check(config)  # before any work: the family and what llama.cpp can run of it
+    arch, permute = fam.gguf_arch, fam.gguf_permute_qk
+    fold, folded = _arch.query_fold(fam, config), _arch.fold_names(fam, config)
+    norms = set(fam.norm_names(config))
+    max_bits, file_type = TYPES[qtype].bits, TYPES[qtype].file_type
     too_wide = sorted({lin.bits for name, lin in master.linears.items()  # a quantized head takes the output type
                        if not isinstance(lin, GGUFLinear) and lin.bits > max_bits and name != HEAD})
     if plan is not None:
@@ -229,22 +197,23 @@ def export_gguf(master, out, qtype: str = "Q4_1", embed_type: str = "auto", outp
     n_head = int(config["num_attention_heads"])
     n_kv = int(config.get("num_key_value_heads") or n_head)
     n_embd = int(config["hidden_size"])
-    tmap = gguf.get_tensor_name_map(_ARCH_ENUM[arch], n_blocks)
+    tmap = _arch.tensor_map(fam, n_blocks)
 
     tensors = dict(master.tensors)
-    if "model.embed_tokens.weight" not in tensors:
-        raise UserError("the master checkpoint lacks model.embed_tokens.weight; re-run quantize")
-    embed = tensors.pop("model.embed_tokens.weight")
+    if f"{fam.embed}.weight" not in tensors:
+        raise UserError(f"the master checkpoint lacks {fam.embed}.weight; re-run quantize")
+    embed = tensors.pop(f"{fam.embed}.weight")
     n_vocab = int(config.get("vocab_size") or embed.shape[0])
     if embed.shape[0] != n_vocab:
         raise UserError(f"embedding rows {embed.shape[0]} != vocab_size {n_vocab}; the config does not match the weights")
-    head = tensors.pop("lm_head.weight", None)
+    head = tensors.pop(f"{fam.head}.weight", None)
     tied = _is_tied(master)
+    _arch.check_head(fam, tied)
     if head is not None and config.get("tie_word_embeddings", False):
         head = None  # tied: llama.cpp reuses token_embd
     shared = master.linears[HEAD] if master.head_shares_embedding else None  # token_embd = the quantized head
 
-    out_t = default_output_type(n_embd) if output_type == "auto" else output_type
+    out_t = default_output_type(n_embd, qtype) if output_type == "auto" else output_type
     if plan is not None and output_type == "auto" and "output.weight" in plan:
         out_t = plan["output.weight"][0]
     if plan is not None and embed_type == "auto":
@@ -254,7 +223,8 @@ def export_gguf(master, out, qtype: str = "Q4_1", embed_type: str = "auto", outp
     elif tied:
         emb_t = out_t  # llama-quantize quantizes a tied token_embd like the output head
     else:
-        emb_t = qtype if qtype in LEGACY_TYPES else "Q8_0"  # llama-quantize: the base type
+        # llama-quantize: the base type (Q4_1/Q5_1/Q8_0/Q4_0/Q5_0/IQ4_NL; Q8_0 for K types and floats)
+        emb_t = qtype if TYPES[qtype].embed and not TYPES[qtype].is_float else "Q8_0"
     if shared is not None and plan is None and embed_type == "auto" and shared.bits <= max_bits:
         emb_t = qtype  # the head's codes fit the linears' type: the shared matrix is stored like them (exact)
 
@@ -272,6 +242,7 @@ def export_gguf(master, out, qtype: str = "Q4_1", embed_type: str = "auto", outp
                          else _pack_linear(shared, emb_t, None)))
     else:
         entries.append(("token_embd.weight", _float_tensor(_np(embed), emb_t)))
+    stacked: dict[str, dict[int, PackedTensor]] = {}  # MoE: {stacked HF name: {expert: its packed rows}}
     for lname in sorted(master.linears, key=_layer_key):
         lin = master.linears[lname]
         if lname == HEAD and shared is not None:
@@ -279,7 +250,8 @@ def export_gguf(master, out, qtype: str = "Q4_1", embed_type: str = "auto", outp
         perm = None
         if permute and lname.endswith(("self_attn.q_proj", "self_attn.k_proj")):
             perm = rope_permutation(lin.shape[0], n_head if lname.endswith("q_proj") else n_kv)
-        tname, ltype = gname(lname + ".weight"), qtype
+        ekey = _experts.expert_key(fam, lname)
+        tname, ltype = gname((ekey[0] if ekey else lname) + ".weight"), qtype
         if lname == HEAD and plan is None and (output_type != "auto" or lin.bits > max_bits):
             ltype = out_t  # an untied quantized head: the output type when asked for or when its codes need it
         if plan is not None:
@@ -291,15 +263,28 @@ def export_gguf(master, out, qtype: str = "Q4_1", embed_type: str = "auto", outp
                                 f"{lin.bits}-bit codes for it; re-quantize with the preset's bit widths "
                                 f"(converters.gguf.presets.preset_bits) or at most {type_bits} bits, or pass --allow-narrower to refit them")
         say(f"packing {lname} ({ltype})")
-        entries.append((tname, _pack_typed(lin, ltype, perm) if isinstance(lin, GGUFLinear) else _pack_linear(lin, ltype, perm)))
+        if lname + ".weight" in folded:  # the queries carry llama.cpp's attention-scale difference
+            entries.append((tname, _pack_folded(lin, ltype, perm, fold)))
+            continue
+        packed = _pack_typed(lin, ltype, perm) if isinstance(lin, GGUFLinear) else _pack_linear(lin, ltype, perm)
+        if ekey:
+            stacked.setdefault(ekey[0], {})[ekey[1]] = packed
+        else:
+            entries.append((tname, packed))
+    for sname, parts in stacked.items():
+        def repack(e, t, sname=sname):  # one expert whose fallback differed: refit into the others' type
+            lin = master.linears[f"{sname.rsplit('.', 1)[0]}.{e}.{sname.rsplit('.', 1)[1]}"]
+            return refit_values(lin.dequantize().numpy(), None if lin.hdiag is None else _np(lin.hdiag), t,
+                                "as the block's other experts")
+        entries.append((gname(sname + ".weight"), _experts.stack(sname, parts, num_experts(config), repack)))
     for k in sorted(tensors, key=_layer_key):
         if _SKIP.search(k):
             continue
-        v = _np(tensors[k])
+        v = _arch.float_tensor(fam, k, _np(tensors[k]), norms, folded, fold)
         if permute and re.search(r"self_attn\.(q|k)_proj\.(bias|weight)$", k):  # unquantized q/k weights too
             v = v[rope_permutation(v.shape[0], n_head if ".q_proj" in k else n_kv)]
-        if v.ndim == 2:  # an unquantized linear weight left in the master
-            entries.append((gname(k), _float_tensor(v, "F16")))
+        if v.ndim == 2:  # an unquantized linear weight left in the master (the MoE router: F32, as llama.cpp keeps it)
+            entries.append((gname(k), _float_tensor(v, "F32" if _experts.is_f32_role(gname(k)) else "F16")))
         else:
             entries.append((gname(k), PackedTensor(v.astype(np.float32), "F32", True, 0.0, 0.0, "float")))
     if head is not None:
@@ -308,7 +293,7 @@ def export_gguf(master, out, qtype: str = "Q4_1", embed_type: str = "auto", outp
     with atomic_file(out) as tmp:
         w = gguf.GGUFWriter(str(tmp), arch)
         w.add_type("model")
-        w.add_name(name or _model_name(master, out))
+        w.add_name(vocab.loadable_name(name or _model_name(master, out), master.tokenizer_dir, name is not None))
         w.add_file_type(int(file_type))
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         w.add_quantized_by("neuqi-export")
@@ -322,10 +307,10 @@ def export_gguf(master, out, qtype: str = "Q4_1", embed_type: str = "auto", outp
                     w.add_int32(f"neuqi.{key}", val)
                 else:
                     w.add_string(f"neuqi.{key}", val)
-        rope_freqs = metadata.add_hparams(w, config, n_vocab)
-        tok_info = metadata.add_tokenizer(w, master.tokenizer_dir, n_vocab, tokenizer_pre)
-        if rope_freqs is not None:
-            entries.append(("rope_freqs.weight", PackedTensor(rope_freqs, "F32", True, 0.0, 0.0, "llama3 rope factors")))
+        rope_tensors = metadata.add_hparams(w, config, n_vocab, _arch.main_rope(fam, config))
+        _arch.add_arch_hparams(w, fam, config)
+        tok_info = vocab.add_tokenizer(w, master.tokenizer_dir, n_vocab, tokenizer_pre)
+        entries += [(t, PackedTensor(v, "F32", True, 0.0, 0.0, "rope factors")) for t, v in rope_tensors.items()]
         for tname, pt in entries:
             if pt.qtype in ("F32", "F16"):
                 w.add_tensor(tname, np.ascontiguousarray(pt.data))

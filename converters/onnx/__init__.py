@@ -1,11 +1,23 @@
 """ONNX exporter (onnxruntime, onnxruntime-genai): a decoder graph with com.microsoft::MatMulNBits linears.
 
     neuqi-export export MASTER --to onnx -o DIR [--dtype fp32|fp16] [--zero-point fast|float]
-                                                [--accuracy-level 0..4]
+                                                [--accuracy-level 0..4] [--float-storage half|exact|fp32]
+
+Float weights (the embedding, a float head, norms, biases) of an fp32 graph are stored in half precision and
+cast to fp32 in the graph (onnxruntime folds the casts at load), halving what they take in the file: bfloat16
+or float16 where that represents every value exactly (a bf16 checkpoint's always do), else rounded to float16
+(`half`, the default; the report marks those tensors not exact). `--float-storage exact` keeps the rounded
+ones in fp32, `fp32` stores everything as it is.
+
+Every registered model family (neuqi_export.archs): the graph reads its norms, scales, soft-caps, fused
+projections and per-layer window / rotary settings from the Family entry (graph.py); a config feature it cannot
+express (a rope type other than default / linear / llama3 / yarn / longrope, bidirectional attention) is refused
+in one line before any output, and `convert` checks that before quantizing.
 
 Output directory (the layout onnxruntime-genai loads): model.onnx (+ model.onnx.data when the weights
-exceed ~1.8 GB, or with external_data=True), genai_config.json, the master's tokenizer files. Written
-to a temp dir beside DIR, then renamed.
+exceed ~1.8 GB, or with external_data=True), genai_config.json where onnxruntime-genai has a model type for
+the family (Family.genai_type; else it is left out and the report says so in one line), the master's
+tokenizer files. Written to a temp dir beside DIR, then renamed.
 
 Every quantized linear is EXACT (dequantizes to the master's values, up to the fp16 storage of
 scale/zero with --dtype fp16):
@@ -36,9 +48,11 @@ from __future__ import annotations
 
 import argparse
 
+from converters import float_storage
 from converters.registry import Exporter, register
 
 from .export import ACCURACY_LEVEL_DEFAULT, export_onnx
+from .graph import check_config
 
 
 def _add(p, *flags, **kw) -> None:
@@ -56,6 +70,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
          help="onnx: fast = uint8 zero points + exact correction matmul (default); float = float zero points (slow on CPU)")
     _add(p, "--accuracy-level", dest="onnx_accuracy_level", type=int, default=ACCURACY_LEVEL_DEFAULT, choices=(0, 1, 2, 3, 4),
          help="onnx: MatMulNBits accuracy_level: 4 = int8 activations (fast, default), 1 = fp32 (exact), 0 = unset")
+    float_storage.add_option(p)  # shared with mlx and compressed-tensors: one option, one meaning
     _add(p, "--external-data", dest="onnx_external_data", action="store_true",
          help="onnx: always write weights to model.onnx.data (default: only when > 1.8 GB)")
 
@@ -68,6 +83,7 @@ def export(master, out, args: argparse.Namespace):
         accuracy_level=getattr(args, "onnx_accuracy_level", ACCURACY_LEVEL_DEFAULT),
         overwrite=bool(getattr(args, "force", False) or getattr(args, "overwrite", False)),
         external_data=True if getattr(args, "onnx_external_data", False) else None,
+        float_storage=float_storage.from_args(args),
     )
 
 
@@ -76,6 +92,11 @@ register(Exporter(
     help="ONNX for onnxruntime / onnxruntime-genai: MatMulNBits linears, exact (uint8 zero points + correction)",
     add_arguments=add_arguments,
     export=export,
+    check=check_config,
+    # convert keeps the head float: an 8-bit head is -19% file but +0.43% perplexity in onnxruntime at the default
+    # accuracy_level 4 (int8 activations into the 49152-wide head; +0.07% in the master), over the 0.1% rule
+    # (docs/SIZES.md); `--lm-head-bits 8` asks for it
+    head_bits=None,
 ))
 
 __all__ = ["export_onnx", "export", "add_arguments"]

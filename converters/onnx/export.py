@@ -1,4 +1,5 @@
-"""export_onnx: master checkpoint -> directory with model.onnx, genai_config.json, tokenizer files."""
+"""export_onnx: master checkpoint -> directory with model.onnx, genai_config.json (where genai has the family's
+type), tokenizer files."""
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ from converters.registry import ExportReport, TensorReport, prepare_output
 from neuqi_export.atomic import atomic_directory
 from neuqi_export.errors import UserError
 
-from .genai import genai_config
+from .genai import genai_config, skip_reason
 from .graph import IR_VERSION, MIN_ORT_VERSION, MS_OPSET, ONNX_OPSET, DecoderGraph
 
 ACCURACY_LEVEL_DEFAULT = 4
@@ -27,9 +28,11 @@ def _tokenizer_files():
     return TOKENIZER_FILES
 
 
-def build_model(master, dtype: str = "fp32", zero_point: str = "fast", accuracy_level: int = ACCURACY_LEVEL_DEFAULT):
+def build_model(master, dtype: str = "fp32", zero_point: str = "fast", accuracy_level: int = ACCURACY_LEVEL_DEFAULT,
+                float_storage: str = "half"):
     """(onnx.ModelProto, DecoderGraph) for a master checkpoint, with metadata set."""
-    g = DecoderGraph(master, dtype=dtype, zero_point=zero_point, accuracy_level=accuracy_level)
+    g = DecoderGraph(master, dtype=dtype, zero_point=zero_point, accuracy_level=accuracy_level,
+                     float_storage=float_storage)
     model = g.build()
     q = master.config.get("quantization_config", {})
     forms = sorted({w.zero_point_form for _, w in g.reports})
@@ -39,6 +42,7 @@ def build_model(master, dtype: str = "fp32", zero_point: str = "fast", accuracy_
         "neuqi_export.bits": str(q.get("bits", "")),
         "neuqi_export.group_size": str(q.get("group_size", "")),
         "neuqi_export.dtype": dtype,
+        "neuqi_export.float_storage": float_storage,
         "neuqi_export.zero_point": zero_point,
         "neuqi_export.zero_point_forms": ",".join(forms),
         "neuqi_export.accuracy_level": str(accuracy_level),
@@ -64,16 +68,23 @@ def _report(g: DecoderGraph, dtype: str, path: Path, nbytes: int) -> ExportRepor
             note += ", accuracy_level 4: int8 activations at run time"
         rep.tensors.append(TensorReport(name=name, type=f"MatMulNBits-{w.bits}", exact=True, note=note))
     for name in g.master.tensors:
-        rep.tensors.append(TensorReport(name=name, type=dtype.upper(), exact=True))
+        key = name if name in g.b.stored else f"{name}_t"
+        stored, rounded = g.b.stored.get(key, dtype.upper()), key in g.b.rounded
+        rep.tensors.append(TensorReport(name=name, type=stored, exact=dtype == "fp32" and not rounded,
+                                        note="rounded to fp16 (--float-storage exact keeps it exact)" if rounded else ""))
     return rep
 
 
 def export_onnx(master, out, dtype: str = "fp32", zero_point: str = "fast", accuracy_level: int = ACCURACY_LEVEL_DEFAULT,
-                overwrite: bool = False, external_data: bool | None = None) -> ExportReport:
+                overwrite: bool = False, external_data: bool | None = None, float_storage: str = "half") -> ExportReport:
+    from neuqi_export.archs import family_for
+
+    family_for(master.config).require_dense("the ONNX exporter")  # MoE (issue 20): refused until ONNX has experts
     out = prepare_output(master, out, overwrite, "the ONNX exporter")
     if out.exists() and not out.is_dir():
         raise UserError(f"output '{out}' is a file; the ONNX export writes a directory, choose another -o")
-    model, g = build_model(master, dtype=dtype, zero_point=zero_point, accuracy_level=accuracy_level)
+    model, g = build_model(master, dtype=dtype, zero_point=zero_point, accuracy_level=accuracy_level,
+                           float_storage=float_storage)
     external = g.b.init_bytes > EXTERNAL_THRESHOLD if external_data is None else bool(external_data)
     with atomic_directory(out, overwrite=overwrite) as tmp:
         if external:
@@ -82,14 +93,17 @@ def export_onnx(master, out, dtype: str = "fp32", zero_point: str = "fast", accu
         else:
             onnx.save_model(model, str(tmp / MODEL_NAME))
         cfg = genai_config(master.config, g.d, filename=MODEL_NAME)
-        (tmp / "genai_config.json").write_text(json.dumps(cfg, indent=4) + "\n")
+        if cfg is not None:
+            (tmp / "genai_config.json").write_text(json.dumps(cfg, indent=4) + "\n")
         if master.tokenizer_dir is not None:
             for fname in _tokenizer_files():
                 src = Path(master.tokenizer_dir) / fname
                 if src.is_file():
                     shutil.copy2(src, tmp / fname)
         nbytes = sum(f.stat().st_size for f in tmp.iterdir() if f.name.startswith(MODEL_NAME))
-    return _report(g, dtype, out, nbytes)
+    rep = _report(g, dtype, out, nbytes)
+    rep.advice = skip_reason(g.d) or ""
+    return rep
 
 
 __all__ = ["export_onnx", "build_model", "ACCURACY_LEVEL_DEFAULT", "MODEL_NAME", "DATA_NAME"]

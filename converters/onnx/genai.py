@@ -1,7 +1,9 @@
 """genai_config.json for onnxruntime-genai (written from its documented config layout).
 
 The graph concatenates past and current keys/values itself (present = past ++ new), so the KV buffers
-are not shared between past and present: `past_present_share_buffer` is false.
+are not shared between past and present: `past_present_share_buffer` is false. `model.type` is the family's
+onnxruntime-genai model type (Family.genai_type); a family genai has no type for gets no config (`genai_config`
+returns None and `skip_reason` says why).
 """
 from __future__ import annotations
 
@@ -12,7 +14,18 @@ def _first(v, default=None):
     return default if v is None else v
 
 
-def genai_config(cfg: dict, dims, filename: str = "model.onnx", provider_options: list | None = None) -> dict:
+def skip_reason(dims) -> str | None:
+    """One line saying why the export has no genai_config.json, or None when it has one."""
+    if dims.family.genai_type is not None:
+        return None
+    return (f"genai_config.json left out: onnxruntime-genai has no model type for {dims.model_type}; "
+            "model.onnx still runs in onnxruntime (neuqi-export eval, runtimes.onnxruntime)")
+
+
+def genai_config(cfg: dict, dims, filename: str = "model.onnx", provider_options: list | None = None) -> dict | None:
+    """The genai_config.json dict for a graph of these dims (ModelDims), or None where genai has no model type."""
+    if skip_reason(dims) is not None:
+        return None
     ctx = int(cfg.get("max_position_embeddings") or 2048)
     eos = cfg.get("eos_token_id")
     eos = eos if eos is not None else 0
@@ -46,7 +59,7 @@ def genai_config(cfg: dict, dims, filename: str = "model.onnx", provider_options
             },
             "eos_token_id": eos,
             "pad_token_id": pad,
-            "type": dims.model_type,
+            "type": dims.family.genai_type,
             "vocab_size": dims.vocab,
         },
         "search": {

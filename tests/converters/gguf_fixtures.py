@@ -5,7 +5,6 @@ models, and a master checkpoint made from them without the quantization pipeline
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -59,29 +58,14 @@ def build_tokenizer(out_dir: Path, style: str) -> int:
     return len(hf)
 
 
-def build_model(arch: str, vocab: int, seed: int = 0, hidden: int = 64, intermediate: int = 128, rope: dict | None = None):
-    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+def build_model(arch: str, vocab: int, seed: int = 0, hidden: int = 64, intermediate: int = 128, rope: dict | None = None,
+                **config_kw):
+    """A tiny random model of any registered family (tests/model_factory.py), with these tests' dimensions."""
+    from model_factory import build_model as factory_model
 
-    common = dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=256, rms_norm_eps=1e-5,
-                  initializer_range=0.15)
     if rope is not None:
-        common["rope_parameters"] = rope
-    if arch == "llama":
-        cfg = LlamaConfig(tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, **common)
-    elif arch == "mistral":
-        cfg = MistralConfig(tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, sliding_window=None, **common)
-    else:
-        cfg = Qwen2Config(tie_word_embeddings=False, eos_token_id=2, pad_token_id=0, **common)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():  # non-trivial norms and biases, so that their export is checked too
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.copy_(0.3 * torch.randn_like(p))
-    return model.eval()
+        config_kw["rope_parameters"] = rope
+    return factory_model(arch, vocab, seed=seed, hidden=hidden, intermediate=intermediate, **config_kw)
 
 
 def quantize_minmax(w: torch.Tensor, bits: int, group_size: int):
@@ -105,23 +89,19 @@ def quantize_minmax(w: torch.Tensor, bits: int, group_size: int):
 
 
 def build_master(model, tok_dir: Path, bits: int, group_size: int):
-    from neuqi_export.master import MasterCheckpoint, QuantizedLinear
+    """Every block linear of the family quantized with quantize_minmax (random hdiag), the rest float."""
+    from model_factory import master_from_model
 
-    cfg = json.loads(model.config.to_json_string())
-    cfg["quantization_config"] = {"quant_method": "neuqi", "bits": bits, "group_size": group_size, "init": "minmax"}
-    linears, tensors = {}, {}
+    from neuqi_export.master import QuantizedLinear
+
     gen = torch.Generator().manual_seed(1)
-    for name, p in model.state_dict().items():
-        mod = name.rsplit(".", 1)[0]
-        if name.endswith(".weight") and (".self_attn." in name or ".mlp." in name):
-            codes, scale, zero = quantize_minmax(p.detach().float(), bits, group_size)
-            linears[mod] = QuantizedLinear(codes=codes, scale=scale, zero=zero, bits=bits, group_size=group_size,
-                                           hdiag=torch.rand(p.shape[1], generator=gen) + 0.1)
-        elif name == "lm_head.weight" and cfg.get("tie_word_embeddings"):
-            continue
-        else:
-            tensors[name] = p.detach().clone()
-    return MasterCheckpoint(config=cfg, linears=linears, tensors=tensors, tokenizer_dir=Path(tok_dir))
+
+    def quantize(W):
+        codes, scale, zero = quantize_minmax(W, bits, group_size)
+        return QuantizedLinear(codes=codes, scale=scale, zero=zero, bits=bits, group_size=group_size,
+                               hdiag=torch.rand(W.shape[1], generator=gen) + 0.1)
+
+    return master_from_model(model, quantize, tok_dir, {"bits": bits, "group_size": group_size, "init": "minmax"})
 
 
 def make_tiny(tmp: Path, arch: str, bits: int, group_size: int, pad_vocab: int = 0, **dims):

@@ -7,7 +7,6 @@ down_proj has in_features 160 = 64 + 64 + 32: a ragged last group.
 """
 from __future__ import annotations
 
-import json
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,28 +16,15 @@ import torch
 HIDDEN, INTERMEDIATE = 64, 160
 
 
-def build_model(arch: str, vocab: int, seed: int = 0, sliding_window: int | None = None):
-    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+def build_model(arch: str, vocab: int, seed: int = 0, sliding_window: int | None = None, **config_kw):
+    """A tiny random model of any registered family (tests/model_factory.py) with these tests' dimensions."""
+    from model_factory import build_model as factory_model
 
-    common = dict(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=256, rms_norm_eps=1e-5,
-                  initializer_range=0.1)
     if arch == "llama":
-        cfg = LlamaConfig(tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, rope_theta=50000.0, **common)
-    elif arch == "mistral":
-        cfg = MistralConfig(tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, sliding_window=sliding_window,
-                            **common)
-    else:
-        cfg = Qwen2Config(tie_word_embeddings=False, eos_token_id=2, pad_token_id=0, **common)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():  # non-trivial norms and biases, so that their export is checked too
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.copy_(0.3 * torch.randn_like(p))
-    return model.eval()
+        config_kw.setdefault("rope_theta", 50000.0)
+    if arch == "mistral":
+        config_kw["sliding_window"] = sliding_window
+    return factory_model(arch, vocab, seed=seed, hidden=HIDDEN, intermediate=INTERMEDIATE, init_range=0.1, **config_kw)
 
 
 @contextmanager
@@ -60,27 +46,18 @@ def build_master(model, bits: int, group_size: int, tok_dir: Path | None = None,
 
 
 def _build_master(model, bits, group_size, tok_dir, method):
-    from neuqi_export.master import MasterCheckpoint, QuantizedLinear
+    from model_factory import master_from_model
+
+    from neuqi_export.master import QuantizedLinear
     from neuqi_export.quant.grid import quantize_codes
     from neuqi_export.quant.params import init_params
 
-    cfg = json.loads(model.config.to_json_string())
-    cfg["quantization_config"] = {"quant_method": "neuqi", "bits": bits, "group_size": group_size, "init": method}
-    linears, tensors = {}, {}
-    for name, p in model.state_dict().items():
-        mod = name.rsplit(".", 1)[0]
-        if name.endswith(".weight") and (".self_attn." in name or ".mlp." in name):
-            W = p.detach().float()
-            scale, zero = init_params(W, bits, group_size, method=method)
-            codes = quantize_codes(W, scale, zero, bits, group_size)
-            linears[mod] = QuantizedLinear(codes=codes, scale=scale.float(), zero=zero.float(), bits=bits,
-                                           group_size=group_size)
-        elif name == "lm_head.weight" and cfg.get("tie_word_embeddings"):
-            continue
-        else:
-            tensors[name] = p.detach().clone()
-    return MasterCheckpoint(config=cfg, linears=linears, tensors=tensors,
-                            tokenizer_dir=Path(tok_dir) if tok_dir is not None else None)
+    def quantize(W):
+        scale, zero = init_params(W, bits, group_size, method=method)
+        codes = quantize_codes(W, scale, zero, bits, group_size)
+        return QuantizedLinear(codes=codes, scale=scale.float(), zero=zero.float(), bits=bits, group_size=group_size)
+
+    return master_from_model(model, quantize, tok_dir, {"bits": bits, "group_size": group_size, "init": method})
 
 
 def reference_logits(master, ids: np.ndarray) -> np.ndarray:

@@ -70,10 +70,10 @@ def test_integer_zero_master_exact(fx, tmp_path, arch, bits, gs):
     from runtimes.transformers import load
 
     master = _integer_zero(fx.build_master(fx.build_model(arch, 300, seed=5), bits, gs))
-    report = export_compressed_tensors(master, tmp_path / "ct")
+    report = export_compressed_tensors(master, tmp_path / "ct", float_storage="exact")
     assert all(t.exact and t.added_error == 0.0 for t in report.tensors)
     for i in range(8):  # the same master exports to the same bytes (safetensors_io: the metadata's order)
-        export_compressed_tensors(master, tmp_path / f"ct{i}")
+        export_compressed_tensors(master, tmp_path / f"ct{i}", float_storage="exact")
         assert (tmp_path / f"ct{i}" / "model.safetensors").read_bytes() == (tmp_path / "ct" / "model.safetensors").read_bytes()
     cfg = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
     assert cfg["quant_method"] == "compressed-tensors" and cfg["format"] == "pack-quantized"
@@ -92,8 +92,8 @@ def test_refit_loaded_weights_and_error(fx, tmp_path):
     from runtimes.transformers import load
 
     master = fx.build_master(fx.build_model("qwen2", 300, seed=6), 3, 64)
-    diag = export_compressed_tensors(master, tmp_path / "diag")
-    rtn = export_compressed_tensors(master, tmp_path / "rtn", refit="rtn")
+    diag = export_compressed_tensors(master, tmp_path / "diag", float_storage="exact")
+    rtn = export_compressed_tensors(master, tmp_path / "rtn", refit="rtn", float_storage="exact")
     for a, b in zip(diag.tensors, rtn.tensors):
         assert not a.exact and 0 < a.added_error <= b.added_error
     assert sum(t.added_error for t in diag.tensors) < 0.8 * sum(t.added_error for t in rtn.tensors)

@@ -3,13 +3,14 @@ import numpy as np
 import pytest
 import torch
 
-from converters.gguf import chunked, kquants, presets
+from converters.gguf import chunked, codebook, kquants
+from converters.gguf.types import TYPES
 
 
 def _fits(w, h):
-    out = [kquants.fit_k_params(w, h, t) for t in ("Q2_K", "Q3_K", "Q4_K", "Q5_K")]
+    out = [kquants.fit_k_params(w, h, TYPES[t].k) for t in ("Q2_K", "Q3_K", "Q4_K", "Q5_K")]
     out.append(kquants.fit_affine_blocks(w.reshape(w.shape[0], -1, 32), h.reshape(1, -1, 32), 16))
-    out.append(presets.fit_codebook_blocks(w.reshape(w.shape[0], -1, 32), h.reshape(1, -1, 32), presets.KVALUES_IQ4NL))
+    out.append(codebook.fit_codebook_blocks(w.reshape(w.shape[0], -1, 32), h.reshape(1, -1, 32), codebook.KVALUES_IQ4NL))
     return out
 
 

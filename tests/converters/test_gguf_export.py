@@ -173,7 +173,7 @@ def test_user_errors(tiny):
     assert not (tmp / "y.gguf").exists() and not list(tmp.glob(".y.gguf*"))
     bad = type(master)(config={**master.config, "model_type": "gpt2"}, linears=master.linears, tensors=master.tensors,
                        tokenizer_dir=master.tokenizer_dir)
-    with pytest.raises(UserError, match="model_type"):
+    with pytest.raises(UserError, match="unsupported architecture 'gpt2'"):
         export_gguf(bad, tmp / "z.gguf", qtype="Q5_1")
 
 
@@ -259,7 +259,7 @@ def test_refit_values_dispatch():
     """The one "float values -> a GGUF type" dispatch of _pack_linear and _pack_typed: floats as floats, each
     block type through its refit (diag-H weighted), F16 with the reason when the type's block does not divide n."""
     from converters.gguf.kquants import refit_k, refit_legacy
-    from converters.gguf.presets import refit_extra
+    from converters.gguf.types import TYPES
     from converters.gguf.writer import refit_values
 
     rng = np.random.default_rng(0)
@@ -268,9 +268,9 @@ def test_refit_values_dispatch():
     f16 = refit_values(w, h, "F16")
     assert f16.qtype == "F16" and f16.note == "fallback to F16 (--type F16)"
     assert refit_values(w, h, "F16", f16_why="why").note == "fallback to F16 (why)"
-    for qtype, direct in (("Q5_0", lambda: refit_extra(w, h, "Q5_0", "n")),
-                          ("Q4_1", lambda: refit_legacy(w, h, "Q4_1", "n")),
-                          ("Q4_K", lambda: refit_k(w, h, "Q4_K", 8, 512))):
+    for qtype, direct in (("Q5_0", lambda: TYPES["Q5_0"].refit(w, h, "n")),
+                          ("Q4_1", lambda: refit_legacy(TYPES["Q4_1"], w, h, "n")),
+                          ("Q4_K", lambda: refit_k(TYPES["Q4_K"], w, h, 8, 512))):
         got, want = refit_values(w, h, qtype, "n"), direct()
         assert got.qtype == qtype and np.array_equal(got.data, want.data) and got.note == want.note
     short = rng.standard_normal((4, 576))

@@ -83,7 +83,7 @@ def test_errors(master):
         write_imatrix(m2, tmp / "u.gguf")
 
 
-def test_imatrix_replaces_calibration(tiny_llama_dir, tmp_path):
+def test_imatrix_replaces_calibration(tiny_llama_dir, tmp_path, capsys):
     """`quantize --imatrix FILE`: the file's h (damped like H) is the NeUQI objective's diag(H) for every linear, in
     the uniform and the K-quant-aware modes; GPTQ (needs the full H) and a missing file are refused."""
     import json
@@ -102,7 +102,8 @@ def test_imatrix_replaces_calibration(tiny_llama_dir, tmp_path):
     write_imatrix_gguf(path, {g: (v * 100, 100.0) for g, v in h.items()}, ["user text"], 10, 10)
 
     opts = QuantizeOptions(bits=3, group_size=32, calibrate=False, imatrix=str(path))
-    quantize_model(tiny_llama_dir, tmp_path / "m", opts, progress=False)
+    importance = read_imatrix(path, config)  # the CLI reads the file; the pipeline takes the mapping
+    quantize_model(tiny_llama_dir, tmp_path / "m", opts, progress=False, importance=importance)
     m = MasterCheckpoint.load(tmp_path / "m")
     model = load_hf_model(tiny_llama_dir)[0]
     differs = 0
@@ -120,14 +121,16 @@ def test_imatrix_replaces_calibration(tiny_llama_dir, tmp_path):
     from converters.gguf.presets import linear_types
 
     lat = QuantizeOptions(calibrate=False, imatrix=str(path), gguf_types=linear_types(config, preset="Q4_K_M"))
-    quantize_model(tiny_llama_dir, tmp_path / "lat", lat, progress=False)
+    quantize_model(tiny_llama_dir, tmp_path / "lat", lat, progress=False, importance=importance)
     lm = MasterCheckpoint.load(tmp_path / "lat")
     q = "model.layers.0.self_attn.q_proj"
     assert torch.allclose(lm.linears[q].hdiag, m.linears[q].hdiag) and lm.linears[q].qtype == "Q5_0"  # Q4_K falls back on 64-wide rows
 
     with pytest.raises(UserError, match="--gptq needs calibration text"):
         QuantizeOptions(calibrate=False, imatrix=str(path), gptq=True).validate()
-    with pytest.raises(UserError, match="does not exist"):
-        quantize_model(tiny_llama_dir, tmp_path / "x", QuantizeOptions(calibrate=False, imatrix=str(tmp_path / "no")),
-                       progress=False)
+    from neuqi_export.cli import main
+
+    assert main(["quantize", str(tiny_llama_dir), "-o", str(tmp_path / "x"), "--no-calib", "--imatrix",
+                 str(tmp_path / "no"), "--quiet"]) == 2
+    assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

@@ -10,7 +10,8 @@ import torch
 
 from converters.gguf import export_gguf
 from converters.gguf.exact import master_dequant
-from converters.gguf.kquants import K_TYPES, refit_k
+from converters.gguf.kquants import refit_k
+from converters.gguf.types import TYPES
 from converters.gguf.packers import pack_q2_k, pack_q3_k, pack_q4_k
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared builders, whatever pytest's import mode
@@ -28,7 +29,8 @@ def _master(bits, g, rows=64, n=512, seed=0):
 
 def _naive(w, h, qtype, scale, zero, g):
     """Plain rounding of the master's sub-block (s, m) onto the lattice: d = max/int_max, no search."""
-    B, levels, _, imax, with_min = K_TYPES[qtype]
+    k = TYPES[qtype].k
+    B, levels, imax, with_min = k.sub_block, k.levels, k.imax, k.with_min
     rows, n = w.shape
     gidx = (np.arange(n // B) * B) // g
     s = scale[:, gidx].astype(np.float64).reshape(rows, n // 256, 256 // B)
@@ -64,7 +66,7 @@ def _naive(w, h, qtype, scale, zero, g):
 def test_refit_reports_true_error_and_beats_plain_rounding(qtype, bits, g):
     codes, scale, zero, h = _master(bits, g)
     w = master_dequant(codes, scale, zero, g)
-    pt = refit_k(w, h, qtype, bits, g, scale, zero)
+    pt = refit_k(TYPES[qtype], w, h, bits, g, scale, zero)
     assert not pt.exact and pt.qtype == qtype
     back = gguf.quants.dequantize(pt.data, gguf.GGMLQuantizationType[qtype])
     err = float((((w - back) ** 2) * h).sum())
@@ -85,7 +87,7 @@ def test_master_on_the_q4k_lattice_is_recovered():
     zero = (dm * mn / s).astype(np.float64)  # m = -s*Z = -dm*mn
     codes = rng.integers(0, 16, (rows, n)).astype(np.uint8)
     w = master_dequant(codes, s, zero, 32)
-    pt = refit_k(w, np.ones(n), "Q4_K", 4, 32, s, zero)
+    pt = refit_k(TYPES["Q4_K"], w, np.ones(n), 4, 32, s, zero)
     assert pt.rel_error < 1e-9
 
 

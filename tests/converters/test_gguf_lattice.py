@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from converters.gguf.lattice import LATTICES, quantize_for_type, sub_block_values
+from converters.gguf.lattice import lattice, lattice_types, quantize_for_type, sub_block_values
 from neuqi_export.errors import UserError
 from neuqi_export.gptq import weighted_error
 
@@ -35,11 +35,11 @@ def _hessian(n, seed):
     return H + 0.01 * H.diagonal().mean() * torch.eye(n, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("qtype", sorted(LATTICES))
+@pytest.mark.parametrize("qtype", sorted(lattice_types()))
 def test_value_tables_are_what_gguf_dequantizes(qtype):
     """For random codes, the packed blocks dequantize (gguf.quants, independent of our tables) to exactly the
     value our table gives each code in its sub-block."""
-    lt = LATTICES[qtype]
+    lt = lattice(qtype)
     rows, n = 6, 512
     w = _heavy(rows, n, 1).numpy()
     h = np.random.default_rng(0).uniform(0.1, 3, n)
@@ -67,7 +67,7 @@ def test_gptq_on_the_lattice_beats_rounding_on_it(qtype):
     opt = quantize_for_type(W, H, hd, qtype, gptq=True)
     e_rtn, e_opt = weighted_error(W, rtn.deq, H), weighted_error(W, opt.deq, H)
     assert e_opt < 0.9 * e_rtn, (qtype, e_opt, e_rtn)
-    lt = LATTICES[qtype]
+    lt = lattice(qtype)
     deq = gguf.quants.dequantize(opt.data, gguf.GGMLQuantizationType[qtype]).reshape(rows, n)
     np.testing.assert_array_equal(deq, opt.deq.numpy())
     block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
@@ -148,7 +148,10 @@ def test_pipeline_lattice_master_exports_its_blocks_unchanged(tiny_model_dir, tm
     got = sc.logits(ids)
     sc.close()
     rms = np.sqrt(((got - ref) ** 2).mean()) / ref.std()
-    assert rms < 0.06 and (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.85, rms
+    # both sides hold the same blocks: the gap is llama.cpp's 8-bit rounding of the activations, which moves with
+    # the weights (measured rms 0.0586 with the code-book fits before their reference-scale candidate, 0.0616
+    # with it; argmax 0.90); a layout bug gives O(1)
+    assert rms < 0.07 and (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.85, rms
 
     with pytest.raises(UserError, match="GGUF block types"):
         export_mlx(master, tmp_path / "mlx")
@@ -174,8 +177,8 @@ def test_lattice_blocks_resume(tiny_model_dir, tmp_path):
     rec, losses, deq = quantize_linear(W, H, opts, name)
     assert isinstance(rec, GGUFLinear) and losses["hessian"] < losses["diag"] * 10
     assert torch.equal(deq, rec.dequantize())  # what the next block is calibrated on = what llama.cpp reads
-    _save_block(tmp_path / "b.safetensors", {name: rec}, {name: losses})
-    back, _ = _load_block(tmp_path / "b.safetensors", [name], opts)
+    _save_block(tmp_path, "b.safetensors", {name: rec}, {}, {name: losses})
+    back, _, _ = _load_block(tmp_path, "b.safetensors")
     assert back[name].qtype == "Q2_K" and back[name].shape == (256, 512)
     assert torch.equal(back[name].data, rec.data) and torch.equal(back[name].dequantize(), rec.dequantize())
 
@@ -198,11 +201,10 @@ def test_typed_linear_takes_llama_quantizes_fallback_for_rows_the_type_does_not_
     assert f16.qtype == "F16" and f16.data.shape == (8, 576)
 
 
-@pytest.mark.parametrize("qtype", sorted(set(LATTICES) - {"IQ4_NL"}))
+@pytest.mark.parametrize("qtype", sorted(set(lattice_types()) - {"IQ4_NL"}))
 def test_affine_rounding_is_the_nearest_value(qtype):
     """The O(3) rounding of the affine lattices picks exactly what the search over all K values picks (ties to the
     lower index), on weights in, between and beyond each sub-block's values."""
-    from converters.gguf.lattice import lattice
     from neuqi_export.gptq import nearest, nearest_affine
 
     lt = lattice(qtype)
@@ -231,11 +233,11 @@ def _values_by_packing_each_code(lt, params, rows, n):
     return v0[..., None] + step[..., None] * np.arange(lt.levels, dtype=np.float32)
 
 
-@pytest.mark.parametrize("qtype", sorted(LATTICES))
+@pytest.mark.parametrize("qtype", sorted(lattice_types()))
 def test_sub_block_values_equal_one_pack_per_code(qtype):
     """One pack (weight k of each sub-block set to code k) gives bit-identical tables to packing every code apart,
     on random weights, weights, h and scales of several magnitudes (incl. an all-zero and an all-negative block)."""
-    lt = LATTICES[qtype]
+    lt = lattice(qtype)
     for seed, (rows, n, mag) in enumerate(((8, 512, 1.0), (5, 768, 1e-3), (3, 256, 40.0))):
         w = _heavy(rows, n, 20 + seed).numpy() * mag
         h = np.random.default_rng(seed).uniform(0.05, 5, n)

@@ -7,7 +7,8 @@ from gguf.quants import dequantize, quantize
 from converters.gguf import packers as P
 from converters.gguf.exact import NotRepresentable, master_dequant, pack_exact
 from converters.gguf.kquants import refit_legacy
-from converters.gguf.metadata import detect_pre
+from converters.gguf.types import TYPES
+from converters.gguf.vocab import detect_pre
 from converters.gguf.writer import rope_permutation
 
 RNG = np.random.default_rng(0)
@@ -47,7 +48,7 @@ def test_exact_pack_is_bit_exact_and_keeps_codes(qtype, bits, n_in, g, kind):
     eff = n_in if g == -1 else g
     codes, scale, zero = _params(rows, n_in, eff, bits, rng, kind)
     hdiag = rng.uniform(0.1, 2.0, n_in)
-    pt = pack_exact(codes, scale, zero, eff, bits, hdiag, qtype)
+    pt = pack_exact(codes, scale, zero, eff, bits, hdiag, TYPES[qtype])
     assert pt.exact and pt.qtype == qtype and pt.data.dtype == np.uint8
     d16, m16 = _block_dm(pt.data, qtype)
     expect = _rep(d16, 32) * codes.astype(np.float32) + _rep(m16, 32)
@@ -69,7 +70,7 @@ def test_compensated_min_beats_plain_rounding():
     rng = np.random.default_rng(3)
     codes, scale, zero = _params(16, 256, 32, 4, rng)
     h = np.ones(256)
-    pt = pack_exact(codes, scale, zero, 32, 4, h, "Q4_1")
+    pt = pack_exact(codes, scale, zero, 32, 4, h, TYPES["Q4_1"])
     ref = master_dequant(codes, scale, zero, 32)
     gidx = np.arange(8)
     plain = _rep(scale[:, gidx].astype(np.float16), 32) * codes + _rep((-scale[:, gidx].astype(np.float64) * zero[:, gidx]).astype(np.float16), 32)
@@ -80,17 +81,17 @@ def test_exact_pack_refuses_what_it_cannot_hold():
     rng = np.random.default_rng(1)
     codes, scale, zero = _params(4, 96, 48, 4, rng)
     with pytest.raises(NotRepresentable, match="group size 48"):
-        pack_exact(codes, scale, zero, 48, 4, None, "Q4_1")
+        pack_exact(codes, scale, zero, 48, 4, None, TYPES["Q4_1"])
     codes, scale, zero = _params(4, 80, 80, 4, rng)
     with pytest.raises(NotRepresentable, match="input dim 80"):
-        pack_exact(codes, scale, zero, 80, 4, None, "Q4_1")
+        pack_exact(codes, scale, zero, 80, 4, None, TYPES["Q4_1"])
     codes, scale, zero = _params(4, 64, 32, 5, rng)
     with pytest.raises(NotRepresentable, match="5-bit"):
-        pack_exact(codes, scale, zero, 32, 5, None, "Q4_1")
+        pack_exact(codes, scale, zero, 32, 5, None, TYPES["Q4_1"])
     codes, scale, zero = _params(4, 64, 32, 4, rng)
     scale[2, 1] = 1e6
     with pytest.raises(NotRepresentable, match="fp16"):
-        pack_exact(codes, scale, zero, 32, 4, None, "Q4_1")
+        pack_exact(codes, scale, zero, 32, 4, None, TYPES["Q4_1"])
 
 
 @pytest.mark.parametrize("qtype", ["Q4_1", "Q5_1"])
@@ -99,7 +100,7 @@ def test_refit_fallback_is_a_good_weighted_fit(qtype):
     codes, scale, zero = _params(8, 96, 48, 4, rng)  # g48 straddles 32-blocks
     w = master_dequant(codes, scale, zero, 48)
     h = rng.uniform(0.1, 2, 96)
-    pt = refit_legacy(w, h, qtype, "g48")
+    pt = refit_legacy(TYPES[qtype], w, h, "g48")
     assert not pt.exact and pt.added_error > 0
     got = dequantize(pt.data, T[qtype])
     err = float((((w - got) ** 2) * h).sum())

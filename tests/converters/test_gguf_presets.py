@@ -15,9 +15,9 @@ from neuqi_export.errors import UserError
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gguf_fixtures import make_tiny, windows  # noqa: E402
 
-SMOLLM2 = dict(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, hidden_size=576,
+SMOLLM2 = dict(model_type="llama", num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, hidden_size=576,
                intermediate_size=1536, tie_word_embeddings=True)
-LLAMA2_7B = dict(num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, hidden_size=4096,
+LLAMA2_7B = dict(model_type="llama", num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, hidden_size=4096,
                  intermediate_size=11008, tie_word_embeddings=False)
 
 
@@ -147,7 +147,7 @@ def test_preset_runs_in_llamacpp(tmp_path):
     from runtimes.llamacpp import LlamaCppScorer
 
     master, tok = make_tiny(tmp_path, "llama", bits=3, group_size=32, hidden=64, intermediate=256)
-    ids = windows(tok, n=2, length=16)
+    ids = windows(tok, n=6, length=32)
     roles = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
              "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
     for preset in ("Q2_K", "Q3_K_M", "Q4_K_M"):
@@ -171,6 +171,8 @@ def test_preset_runs_in_llamacpp(tmp_path):
         sc.close()
         rms = np.sqrt(((got - ref) ** 2).mean()) / ref.std()
         agree = (got.argmax(-1) == ref.argmax(-1)).mean()
+        # 6 windows x 32 tokens: on 2 x 16 a refit that moved nothing but near-ties swung argmax from 0.88 to 0.78
+        # (rms 0.033 both); here measured agreement 0.93-0.96, rms 0.032
         assert rms < 0.06 and agree >= 0.85, (preset, rms, agree)
 
 
@@ -225,12 +227,12 @@ def test_is_mixture_decides_preset_names():
     """A mixture is a preset name that is not one of the exporter's single weight types (Q2_K, Q4_1, ... stay
     single types); any case; what the writer and the CLI both use."""
     from converters.gguf.presets import is_mixture
-    from converters.gguf.writer import WEIGHT_TYPES
+    from converters.gguf.types import SINGLE_TYPES
 
     assert [p for p in PRESETS if is_mixture(p)] == ["Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S",
                                                      "Q5_K_M", "Q6_K"]
     assert is_mixture("q4_k_m") and is_mixture("Q6_K")
-    assert not any(is_mixture(t) for t in WEIGHT_TYPES)
+    assert not any(is_mixture(t) for t in SINGLE_TYPES)
     assert not any(is_mixture(t) for t in ("IQ4_NL", "Q8_0", "nonsense", None))
 
 
@@ -238,7 +240,7 @@ def test_cli_mixture_checks_use_is_mixture():
     """cli._gguf_mixture answers as presets.is_mixture; a preset flag always makes a mixture."""
     import argparse
 
-    from neuqi_export.cli import _gguf_mixture
+    from neuqi_export.cli.gguf_policy import gguf_mixture as _gguf_mixture
 
     for t in ("Q4_K_M", "Q6_K", "Q2_K", "Q4_1", "F16"):
         assert _gguf_mixture(argparse.Namespace(to="gguf", gguf_type=t, preset=None)) == (t in ("Q4_K_M", "Q6_K"))
@@ -250,11 +252,11 @@ def test_one_name_table_for_presets_and_imatrix():
     """linear_names / row_lengths are the one HF <-> GGUF table: the imatrix module uses the same objects, and
     preset_bits / linear_types are keyed by exactly its HF names (with any prefix)."""
     from converters.gguf import imatrix
-    from converters.gguf.presets import ROLES, linear_names, linear_types, row_lengths
+    from converters.gguf.presets import linear_names, linear_types, row_lengths
 
     assert imatrix.linear_names is linear_names and imatrix.row_lengths is row_lengths
     names = linear_names(SMOLLM2)
-    assert len(names) == 30 * len(ROLES) and names["model.layers.3.mlp.down_proj"] == "blk.3.ffn_down.weight"
+    assert len(names) == 30 * 7 and names["model.layers.3.mlp.down_proj"] == "blk.3.ffn_down.weight"
     assert list(preset_bits("Q4_K_M", SMOLLM2)) == list(names)
     lt = linear_types(SMOLLM2, qtype="Q4_K", prefix="m.blocks")
     assert list(lt) == list(linear_names(SMOLLM2, "m.blocks"))
@@ -267,7 +269,7 @@ def test_one_name_table_for_presets_and_imatrix():
 def test_nearest_integer_codebook_table_is_searchsorted():
     """IQ4_NL's nearest code by the floor(2x) table equals searchsorted on the midpoints (ties to the lower
     value) for random values, every midpoint and its float neighbours, the code values, ±inf and NaN."""
-    from converters.gguf.presets import KVALUES_IQ4NL, _nearest
+    from converters.gguf.codebook import KVALUES_IQ4NL, _nearest
 
     rng = np.random.default_rng(0)
     for dt in (np.float32, np.float64):

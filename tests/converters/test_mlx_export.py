@@ -93,7 +93,7 @@ def tiny_exports(tmp_path_factory, real_tokenizer):
     for arch, bits, gs, seed in (("llama", 3, 64, 0), ("qwen2", 4, 128, 1)):
         master = fx.build_master(fx.build_model(arch, len(real_tokenizer), seed=seed), bits, gs, tok_dir=tok)
         path = tmp / arch
-        report = export_mlx(master, path)
+        report = export_mlx(master, path, float_storage="exact")
         out[arch] = (path, master, report)
     return out, fx
 
@@ -148,8 +148,8 @@ def test_fp16_scales_report_error(tiny_exports, tmp_path):
 
     exports, _ = tiny_exports
     _, master, _ = exports["llama"]
-    report = export_mlx(master, tmp_path / "fp16", scale_dtype="fp16")
-    assert all("fp16 scales" in t.note for t in report.tensors)
+    report = export_mlx(master, tmp_path / "fp16", scale_dtype="fp16", float_storage="exact")
+    assert report.tensors and all("fp16 scales" in t.note and not t.exact and t.added_error > 0 for t in report.tensors)
     with pytest.raises(UserError, match="already exists"):
         export_mlx(master, tmp_path / "fp16")
     with pytest.raises(UserError, match="mlx-scale-dtype"):
@@ -181,7 +181,7 @@ def test_real_master_ppl(real_master_dir, real_eval_windows, tmp_path):
     windows = real_eval_windows[:2]
     master = MasterCheckpoint.load(real_master_dir)
     ref = perplexity_hf(master_to_hf(master), windows, progress=False)
-    report = export_mlx(master, tmp_path / "smol-mlx")
+    report = export_mlx(master, tmp_path / "smol-mlx", float_storage="exact")
     assert all(t.exact for t in report.tensors)
     sc = load(tmp_path / "smol-mlx")
     got = perplexity_from_logits_fn(sc.logits, windows, progress=False, batch_size=2)

@@ -11,6 +11,7 @@ import json
 import numpy as np
 import onnx
 import pytest
+import torch
 
 from converters.onnx import export_onnx
 from converters.onnx.export import build_model
@@ -69,7 +70,7 @@ def test_exact_logits_and_kv_cache(hf_models, arch, bits):
     ids = _ids(VOCAB[arch])
     ref = reference_logits(master, ids)
     for form in ("fast", "float"):
-        model, g = build_model(master, zero_point=form, accuracy_level=1)
+        model, g = build_model(master, zero_point=form, accuracy_level=1, float_storage="exact")
         forms = {w.zero_point_form for _, w in g.reports}
         assert forms == ({"float"} if form == "float" and bits != 8 else {"uint8+correction"})
         assert any(w.K % w.block_size for _, w in g.reports)  # the ragged down_proj is in there
@@ -92,7 +93,7 @@ def test_per_channel_and_block_replication(hf_models):
     ids = _ids(VOCAB["qwen2"], seed=3)
     ref = reference_logits(master, ids)
     for form in ("fast", "float"):
-        model, g = build_model(master, zero_point=form, accuracy_level=1)
+        model, g = build_model(master, zero_point=form, accuracy_level=1, float_storage="exact")
         assert {w.block_size for _, w in g.reports} == {64, 128}
         assert rel_err(_run(_session(model), ids)[0], ref) < 1e-4
 
@@ -100,7 +101,7 @@ def test_per_channel_and_block_replication(hf_models):
 def test_group_256_and_group_32(hf_models):
     master = master_for(hf_models, "llama", 4, 32)
     ids = _ids(VOCAB["llama"], seed=4)
-    model, g = build_model(master, accuracy_level=1)
+    model, g = build_model(master, accuracy_level=1, float_storage="exact")
     assert {w.block_size for _, w in g.reports} == {32}
     assert rel_err(_run(_session(model), ids)[0], reference_logits(master, ids)) < 1e-4
 
@@ -111,7 +112,7 @@ def test_mistral_sliding_window():
     master = build_master(hf, 4, GROUP)
     ids = _ids(VOCAB["mistral"], L=12, seed=5)
     ref = reference_logits(master, ids)
-    sess = _session(build_model(master, accuracy_level=1)[0])
+    sess = _session(build_model(master, accuracy_level=1, float_storage="exact")[0])
     full, _ = _run(sess, ids)
     assert rel_err(full, ref) < 1e-4
     logits, out = _run(sess, ids[:, :3])
@@ -124,7 +125,7 @@ def test_mistral_sliding_window():
     no_window = dict(master.config, sliding_window=None)
     master.config, saved = no_window, master.config
     try:
-        other, _ = _run(_session(build_model(master, accuracy_level=1)[0]), ids)
+        other, _ = _run(_session(build_model(master, accuracy_level=1, float_storage="exact")[0]), ids)
     finally:
         master.config = saved
     assert rel_err(other, ref) > 1e-3
@@ -135,7 +136,7 @@ def test_fp16_and_int8_activations_close(hf_models):
     master = master_for(hf_models, "qwen2", 4)
     ids = _ids(VOCAB["qwen2"], seed=6)
     ref = reference_logits(master, ids)
-    fp16, _ = _run(_session(build_model(master, dtype="fp16", accuracy_level=1)[0]), ids, dtype=np.float16)
+    fp16, _ = _run(_session(build_model(master, dtype="fp16", accuracy_level=1, float_storage="exact")[0]), ids, dtype=np.float16)
     assert rel_err(fp16, ref) < 2e-2
     int8, _ = _run(_session(build_model(master, accuracy_level=4)[0]), ids)
     assert rel_err(int8, ref) < 0.15
@@ -149,7 +150,7 @@ def test_output_dir_layout_and_metadata(hf_models, tmp_path):
     hf = build_hf("qwen2", n, seed=7)
     master = build_master(hf, 3, GROUP, tok_dir=tmp_path / "tok")
     out = tmp_path / "out"
-    rep = export_onnx(master, out, accuracy_level=1)
+    rep = export_onnx(master, out, accuracy_level=1, float_storage="exact")
     names = {p.name for p in out.iterdir()}
     assert {"model.onnx", "genai_config.json", "tokenizer.json", "tokenizer_config.json"} <= names
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # temp dir renamed away
@@ -169,7 +170,7 @@ def test_output_dir_layout_and_metadata(hf_models, tmp_path):
     assert dec["inputs"]["past_key_names"] == "past_key_values.%d.key" and dec["outputs"]["logits"] == "logits"
     with pytest.raises(UserError, match="already exists"):
         export_onnx(master, out)
-    export_onnx(master, out, overwrite=True, external_data=True, accuracy_level=1)
+    export_onnx(master, out, overwrite=True, external_data=True, accuracy_level=1, float_storage="exact")
     assert (out / "model.onnx.data").is_file()
     ids = _ids(n, seed=8)
     assert rel_err(_run(_session(out / "model.onnx"), ids)[0], reference_logits(master, ids)) < 1e-4
@@ -201,7 +202,7 @@ def test_registered_and_cli_options():
     exp = load_all()["onnx"]
     p = argparse.ArgumentParser()
     exp.add_arguments(p)
-    args = p.parse_args(["--dtype", "fp16", "--zero-point", "float", "--accuracy-level", "1"])
+    args = p.parse_args(["--dtype", "fp16", "--zero-point", "float", "--accuracy-level", "1", "--float-storage", "exact"])
     assert (args.onnx_dtype, args.onnx_zero_point, args.onnx_accuracy_level) == ("fp16", "float", 1)
     args = p.parse_args([])
     assert (args.onnx_dtype, args.onnx_zero_point, args.onnx_accuracy_level) == ("fp32", "fast", 4)
@@ -215,7 +216,7 @@ def test_cli_export_roundtrip(hf_models, tmp_path):
     master = master_for(hf_models, "qwen2", 3)
     master.save(tmp_path / "master")
     out = tmp_path / "onnx"
-    assert main(["export", str(tmp_path / "master"), "--to", "onnx", "-o", str(out), "--accuracy-level", "1",
+    assert main(["export", str(tmp_path / "master"), "--to", "onnx", "-o", str(out), "--accuracy-level", "1", "--float-storage", "exact",
                  "--zero-point", "float", "--quiet"]) == 0
     m = onnx.load(str(out / "model.onnx"), load_external_data=False)
     meta = {p.key: p.value for p in m.metadata_props}
@@ -243,10 +244,61 @@ def test_left_padding_mask(hf_models):
     with torch.no_grad():
         ref = master_to_hf(master)(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
                                    position_ids=torch.from_numpy(pos)).logits.numpy()
-    sess = _session(build_model(master, accuracy_level=1)[0])
+    sess = _session(build_model(master, accuracy_level=1, float_storage="exact")[0])
     feed = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
     for i in range(2):
         for n in ("key", "value"):
             feed[f"past_key_values.{i}.{n}"] = np.zeros((2, 2, 0, 16), np.float32)
     got = sess.run(["logits"], feed)[0]
     assert rel_err(got[0], ref[0]) < 1e-4 and rel_err(got[1, 3:], ref[1, 3:]) < 1e-4
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # tied embedding / untied float head
+def test_float_weights_stored_in_lossless_half(arch, tmp_path):
+    """A bf16 checkpoint's float weights (embedding, float head, norms) go in as BF16 initializers cast to fp32:
+    the file shrinks by their half, the logits are the same bits as with --float-storage fp32; weights bf16
+    cannot hold stay fp32."""
+    hf = build_hf(arch, VOCAB[arch], seed=3)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.copy_(p.to(torch.bfloat16).float())  # a checkpoint that came in bf16, as most do
+    master = build_master(hf, 4, GROUP)
+    ids = _ids(VOCAB[arch], seed=4)
+    runs = {}
+    for storage in ("exact", "fp32"):  # (default "half" = exact here: every weight fits bf16)
+        out = tmp_path / storage
+        rep = export_onnx(master, out, accuracy_level=1, float_storage=storage)
+        types = {t.name: t.type for t in rep.tensors if not t.type.startswith("MatMulNBits")}
+        runs[storage] = ((out / "model.onnx").stat().st_size, types, _run(_session(out / "model.onnx"), ids)[0])
+    (n_exact, types, y_exact), (n_fp32, types32, y_fp32) = runs["exact"], runs["fp32"]
+    assert np.array_equal(y_exact, y_fp32)
+    assert rel_err(y_exact, reference_logits(master, ids)) < 1e-4
+    assert set(types.values()) == {"BF16"} and set(types32.values()) == {"FP32"}, (types, types32)
+    float_bytes = sum(master.tensors[n].numel() * 2 for n in types)  # what half storage saves
+    assert 0.95 * float_bytes < n_fp32 - n_exact <= float_bytes  # less the Cast nodes' few bytes
+    m = onnx.load(str(tmp_path / "exact" / "model.onnx"))
+    assert {i.data_type for i in m.graph.initializer if i.name == "model.embed_tokens.weight"} == {onnx.TensorProto.BFLOAT16}
+    # a weight bf16 cannot hold but fp16 can is stored fp16; one neither can hold stays fp32
+    from converters.onnx.builder import lossless_half
+
+    assert lossless_half(np.array([1.0 + 2 ** -9], np.float32))[0] == onnx.TensorProto.FLOAT16
+    assert lossless_half(np.array([1.0 + 2 ** -20], np.float32)) is None
+
+
+def test_default_half_storage_rounds_fp32_weights_and_says_so(hf_models, tmp_path):
+    """Float weights half cannot hold exactly (a random fp32 model's) are rounded to fp16 by default: the report
+    marks them not exact, the logits move by what fp16 rounding costs (< 5e-3 rel, measured ~1e-3), and
+    --float-storage exact keeps them fp32 and the logits exact."""
+    master = master_for(hf_models, "qwen2", 4)
+    ids = _ids(VOCAB["qwen2"], seed=5)
+    ref = reference_logits(master, ids)
+    rep = export_onnx(master, tmp_path / "half", accuracy_level=1)
+    floats = {t.name: t for t in rep.tensors if not t.type.startswith("MatMulNBits")}
+    emb = floats["model.embed_tokens.weight"]
+    assert emb.type == "FP16" and not emb.exact and "--float-storage exact" in emb.note
+    err_half = rel_err(_run(_session(tmp_path / "half" / "model.onnx"), ids)[0], ref)
+    export_onnx(master, tmp_path / "exact", accuracy_level=1, float_storage="exact")
+    err_exact = rel_err(_run(_session(tmp_path / "exact" / "model.onnx"), ids)[0], ref)
+    assert err_exact < 1e-4 < err_half < 5e-3, (err_exact, err_half)
+    half, exact = ((tmp_path / d / "model.onnx").stat().st_size for d in ("half", "exact"))
+    assert half < exact - master.tensors["model.embed_tokens.weight"].numel()  # embedding and head halved at least

@@ -5,9 +5,9 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from converters.onnx.graph import inv_freq, rope_settings
 from converters.onnx.matmulnbits import (choose_block_size, group_sum_matrix, pack_codes, pack_zero_points, prepare,
                                          reference_matmul)
+from converters.onnx.rope import rope_spec
 from neuqi_export.errors import UserError
 from neuqi_export.master import QuantizedLinear
 
@@ -101,21 +101,41 @@ def test_single_node_exact_in_onnxruntime(bits, G):
             assert np.abs(y2 - ref).max() < 1e-5 * np.abs(ref).max(), (form, "padding read")
 
 
-def test_rope_settings_and_llama3_inv_freq():
-    assert rope_settings({"rope_theta": 5e5})["rope_theta"] == 5e5  # transformers 4 layout
-    assert rope_settings({"rope_parameters": {"rope_theta": 1e6, "rope_type": "default"}})["rope_theta"] == 1e6
-    cfg = {"rope_parameters": {"rope_theta": 5e5, "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
-    inv, scale = inv_freq(cfg, 64)
+ROPES = {
+    "llama3": dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192),
+    "linear": dict(factor=4.0),
+    "yarn": dict(factor=4.0, original_max_position_embeddings=4096),
+    "longrope": dict(short_factor=[1.0 + 0.1 * i for i in range(16)], long_factor=[2.0 + 0.3 * i for i in range(16)],
+                     original_max_position_embeddings=4096),
+}
+
+
+@pytest.mark.parametrize("rtype", sorted(ROPES))
+def test_rope_inv_freq_matches_transformers(rtype):
+    """inv_freq and attention scaling of every rope type the graph writes equal transformers' own functions (a
+    partial rotary width of 32 of head_dim 64; LongRoPE's short and long tables)."""
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    hf_cfg = LlamaConfig(hidden_size=256, num_attention_heads=4, rope_parameters=cfg["rope_parameters"],
+    from neuqi_export.archs import family_for
+
+    params = {"rope_theta": 5e5, "rope_type": rtype, "partial_rotary_factor": 0.5, **ROPES[rtype]}
+    cfg = {"model_type": "llama", "hidden_size": 256, "num_attention_heads": 4, "num_hidden_layers": 1,
+           "max_position_embeddings": 131072, "rope_parameters": params}
+    spec = rope_spec(cfg, family_for(cfg).layer_attention(cfg)[0].rope, 64)
+    hf_cfg = LlamaConfig(hidden_size=256, num_attention_heads=4, rope_parameters=dict(params),
                          max_position_embeddings=131072)
-    ref, ref_scale = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg, "cpu")
-    assert np.allclose(inv, ref.numpy(), rtol=1e-6) and scale == ref_scale
-    with pytest.raises(UserError, match="rope_type"):
-        inv_freq({"rope_parameters": {"rope_theta": 1e4, "rope_type": "yarn", "factor": 4.0}}, 64)
+    ref, ref_scale = ROPE_INIT_FUNCTIONS[rtype](hf_cfg, "cpu")
+    assert spec.dim == 32 and np.allclose(spec.inv_freq, ref.numpy(), rtol=1e-6, atol=0), rtype
+    assert spec.scaling == pytest.approx(ref_scale, rel=1e-12)
+    if rtype == "longrope":
+        long, _ = ROPE_INIT_FUNCTIONS[rtype](hf_cfg, "cpu", seq_len=4097)
+        assert spec.switch == 4096 and np.allclose(spec.long_inv_freq, long.numpy(), rtol=1e-6, atol=0)
+
+
+def test_unknown_rope_type_refused():
+    with pytest.raises(UserError, match="rope_type 'dynamic' is not supported by the ONNX exporter"):
+        rope_spec({}, {"rope_theta": 1e4, "rope_type": "dynamic", "factor": 4.0}, 64)
 
 
 def test_integer_zero_points_need_no_correction():

@@ -81,7 +81,7 @@ def test_onnx_tied_gathers_the_quantized_head(head_master, tmp_path, head_bits, 
     path = head_master("llama", head_bits)
     master = MasterCheckpoint.load(path)
     out = tmp_path / "onnx"
-    export_onnx(master, out, zero_point=zero_point, accuracy_level=1)
+    export_onnx(master, out, zero_point=zero_point, accuracy_level=1, float_storage="exact")
     model = onnx.load(str(out / "model.onnx"))
     ops = [n.op_type for n in model.graph.node]
     assert ops.count("GatherBlockQuantized") == 1 and ops.count("MatMulNBits") == 15
@@ -102,7 +102,7 @@ def test_onnx_untied_head_is_matmulnbits(head_master, tmp_path):
 
     path = head_master("qwen2", 4)
     master = MasterCheckpoint.load(path)
-    export_onnx(master, tmp_path / "onnx", accuracy_level=1)
+    export_onnx(master, tmp_path / "onnx", accuracy_level=1, float_storage="exact")
     ops = [n.op_type for n in onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph.node]
     assert ops.count("MatMulNBits") == 15 and "GatherBlockQuantized" not in ops
     ids = _ids(path)
@@ -117,7 +117,7 @@ def test_mlx(head_master, tmp_path, arch):
 
     path = head_master(arch, 4)
     master = MasterCheckpoint.load(path)
-    export_mlx(master, tmp_path / "mlx")
+    export_mlx(master, tmp_path / "mlx", float_storage="exact")
     keys = _keys(tmp_path / "mlx" / "model.safetensors")
     quant = json.loads((tmp_path / "mlx" / "config.json").read_text())["quantization"]
     if arch == "llama":
@@ -139,7 +139,7 @@ def test_compressed_tensors_keeps_the_head_float(head_master, tmp_path, arch):
 
     path = head_master(arch, 4, "neuqi_int")
     master = MasterCheckpoint.load(path)
-    rep = export_compressed_tensors(master, tmp_path / "ct")
+    rep = export_compressed_tensors(master, tmp_path / "ct", float_storage="exact")
     assert next(t for t in rep.tensors if t.name == "lm_head").exact
     keys = _keys(tmp_path / "ct" / "model.safetensors")
     assert ("lm_head.weight" in keys) == (arch == "qwen2") and "lm_head.weight_packed" not in keys

@@ -21,7 +21,7 @@ def test_quantize_eval_export_convert(tiny_llama_dir, real_assets, tmp_path, cap
     assert "llamacpp" in capsys.readouterr().out
 
     assert main(["convert", str(tiny_llama_dir), "--to", "onnx", "-o", str(tmp_path / "onnx"), "--bits", "3",
-                 "--group-size", "32", "--accuracy-level", "1", *calib]) == 0
+                 "--group-size", "32", "--accuracy-level", "1", "--float-storage", "exact", *calib]) == 0
     capsys.readouterr()
     assert (tmp_path / "onnx" / "model.onnx").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".neuqi-convert")]
@@ -35,7 +35,7 @@ def test_convert_to_a_gguf_mixture(tiny_llama_dir, real_assets, tmp_path, capsys
     import gguf
 
     from converters.gguf.presets import preset_plan
-    from neuqi_export.arch import read_model_dir
+    from neuqi_export.archs import read_model_dir
 
     calib = ["--calib", str(real_assets.calib_text), "--nsamples", "2", "--seqlen", "64", "--quiet"]
     plan = preset_plan("Q4_K_M", read_model_dir(tiny_llama_dir)[1])

@@ -38,6 +38,7 @@ def _copy(src, dst):
     ("exists", "already exists"),
     ("imatrix_calib", "--imatrix replaces calibration text"),
     ("head_bits", "--lm-head-bits 6 is not supported"),
+    ("seqlen", "exceeds the model's context"),
 ])
 def test_bad_input(case, match, tmp_path, capsys, tiny_llama_dir, calib_file):
     model = tiny_llama_dir
@@ -58,6 +59,9 @@ def test_bad_input(case, match, tmp_path, capsys, tiny_llama_dir, calib_file):
         extra += ["--bits", "5"]
     elif case == "group":
         extra += ["--group-size", "48"]
+    elif case == "seqlen":  # the tiny model's context is its max_position_embeddings
+        ctx = json.loads((model / "config.json").read_text())["max_position_embeddings"]
+        extra[extra.index("--seqlen") + 1] = str(ctx + 1)
     elif case == "head_bits":
         extra += ["--lm-head-bits", "6"]
     elif case == "nan":

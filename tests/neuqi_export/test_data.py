@@ -38,8 +38,13 @@ def test_read_text_errors(tmp_path):
     (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
     with pytest.raises(UserError, match="is not UTF-8"):
         read_text(tmp_path / "latin1.txt")
+    for name, content in [("nul.txt", b"\0" * 5000), ("controls.txt", b"\0\x01\x1b\x7f \n" * 100)]:
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(UserError, match=f"'{tmp_path / name}' holds no text"):
+            read_text(tmp_path / name)
     (tmp_path / "ok.txt").write_text("héllo\n", encoding="utf-8")
     assert read_text(str(tmp_path / "ok.txt")) == "héllo\n"
+    assert read_text(tmp_path / "ok.txt").source == str(tmp_path / "ok.txt")
 
 
 # ------------------------------------------------------------------------------------ tokenize
@@ -89,6 +94,15 @@ def test_calibration_windows_need_seqlen_plus_one_tokens(real_tokenizer):
                             "give more text or lower --seqlen")
     with pytest.raises(UserError, match=r"calibration text has 0 tokens, needs at least seqlen\+1=65"):
         calibration_windows(real_tokenizer, "", 3, 64)
+
+
+def test_too_short_text_read_from_a_file_names_it(real_tokenizer, tmp_path):
+    f = tmp_path / "short.txt"
+    f.write_text("Only a few words.", encoding="utf-8")
+    with pytest.raises(UserError, match=f"calibration text '{f}' has 5 tokens, needs at least seqlen\\+1=33"):
+        calibration_windows(real_tokenizer, read_text(f), 2, 32)
+    with pytest.raises(UserError, match=f"evaluation text '{f}' has 5 tokens, fewer than one window"):
+        eval_windows(real_tokenizer, read_text(f), 32)
 
 
 @pytest.mark.parametrize("kw,flag", [(dict(nsamples=0), "--nsamples"), (dict(seqlen=0), "--seqlen"),

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from neuqi_export.cli import main
-from neuqi_export.demo import DemoOptions, DemoResult, Row, format_table, plot, run_demo, write_report
+from neuqi_export.cli.demo import DemoOptions, DemoResult, Row, format_table, plot, run_demo, write_report
 from neuqi_export.errors import UserError
 
 
@@ -70,7 +70,7 @@ def test_a_slow_runtime_is_scored_on_the_leading_windows_within_its_budget():
     import numpy as np
     import torch
 
-    from neuqi_export.demo import ppl_of, score
+    from neuqi_export.cli.demo import ppl_of, score
 
     class Slow:
         name = "slow"

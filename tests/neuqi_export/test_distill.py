@@ -10,6 +10,8 @@ from neuqi_export.master import MasterCheckpoint, QuantizedLinear
 from neuqi_export.modeling import load_hf_model, master_to_hf
 from neuqi_export.pipeline import QuantizeOptions, quantize_model
 
+from model_factory import dense_families
+
 FAST = dict(nsamples=4, seqlen=64)
 
 
@@ -32,6 +34,19 @@ def llama_master(tiny_llama_dir, tmp_path_factory, calib):
 @pytest.fixture(scope="module")
 def qwen2_master(tiny_qwen2_dir, tmp_path_factory, calib):
     return _master(tiny_qwen2_dir, tmp_path_factory.mktemp("dq") / "m", calib)
+
+
+@pytest.fixture(scope="module")
+def family_master(tiny_family_dir, tmp_path_factory, calib, llama_master, qwen2_master):
+    """family_master(model_type) -> (a tiny 2-bit NeUQI + GPTQ master of that family, its teacher directory)."""
+    made = {"llama": llama_master, "qwen2": qwen2_master}
+
+    def get(model_type: str):
+        if model_type not in made:
+            made[model_type] = _master(tiny_family_dir(model_type), tmp_path_factory.mktemp(f"d_{model_type}") / "m", calib)
+        return made[model_type], tiny_family_dir(model_type)
+
+    return get
 
 
 def _hidden_mse(model_or_master, teacher, ids):
@@ -63,10 +78,9 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
     assert f(2) == pytest.approx(1.0) and f(11) < f(5) and f(19) < 0.02
 
 
-@pytest.mark.parametrize("which", ["llama", "qwen2"])
-def test_distill_lowers_the_loss_and_keeps_codes_and_embeddings(which, request, tmp_path, calib):
-    master_dir = request.getfixturevalue(f"{which}_master")
-    teacher_dir = request.getfixturevalue(f"tiny_{which}_dir")
+@pytest.mark.parametrize("which", dense_families())
+def test_distill_lowers_the_loss_and_keeps_codes_and_embeddings(which, family_master, tmp_path, calib):
+    master_dir, teacher_dir = family_master(which)
     opts = DistillOptions(nsamples=4, seqlen=64, steps=12)
     summary = distill(master_dir, teacher_dir, calib, tmp_path / "d", opts, device="cpu", progress=False)
     assert summary.steps == 12
@@ -101,7 +115,7 @@ def test_interrupted_run_resumes_to_the_same_result(llama_master, tiny_llama_dir
     with pytest.raises(KeyboardInterrupt):
         distill(llama_master, tiny_llama_dir, calib, tmp_path / "r", DistillOptions(**opts), progress=False,
                 callback=boom)
-    assert (tmp_path / "r.partial" / "train.pt").is_file() and not (tmp_path / "r").exists()
+    assert (tmp_path / "r.partial" / "train.safetensors").is_file() and not (tmp_path / "r").exists()
     s = distill(llama_master, tiny_llama_dir, calib, tmp_path / "r", DistillOptions(**opts), progress=False)
     assert s.resumed_at == 4
     a, b = MasterCheckpoint.load(tmp_path / "clean"), MasterCheckpoint.load(tmp_path / "r")

@@ -49,8 +49,10 @@ def test_matches_manual_cross_entropy_on_a_tiny_model(tiny, windows):
     assert (r.windows, r.seqlen, r.tokens) == (5, 32, 5 * 31)
     assert r.nll_mean == pytest.approx(manual, rel=1e-9, abs=1e-12)
     assert r.ppl == pytest.approx(math.exp(manual), rel=1e-9)
-    # a random model over 49152 tokens is close to uniform
-    assert 0.5 * 49152 < r.ppl < 2 * 49152
+    # a random model over 49152 tokens is close to uniform. Measured: ppl 50922.149 (this seeded tiny llama,
+    # CPU, `pytest -s tests/neuqi_export/test_evaluate.py -k manual` with a print). Tolerance rel 1e-4: float32
+    # summation order should move it by ~1e-6 (not measured across machines).
+    assert r.ppl == pytest.approx(50922.149, rel=1e-4), r
 
 
 def test_numpy_logits_batches_and_perplexity_hf_agree(tiny, windows):

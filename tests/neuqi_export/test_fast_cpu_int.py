@@ -97,7 +97,13 @@ def test_matches_the_torch_path(rows, cols, gs, bits):
     assert torch.all((lf - lr).abs() <= 1e-5 * lr + 1e-30), float(((lf - lr).abs() / lr.clamp_min(1e-30)).max())
     assert float(lf.sum()) <= float(lr.sum()) * (1 + 1e-6)
     same = float(((sr == sf) & (zr == zf)).double().mean())
-    assert same >= 0.9, same  # measured 0.98-1.0: the two differ only on float32 near-ties
+    # Groups whose (s, z) differ from the torch path's: measured 0 in every case but 16x256 g32 3-bit and
+    # 8x200 g64 3-bit (1 of 128, 1 of 32: float32 near-ties whose losses agree within the 1e-5 above), the same
+    # with 1 and 2 threads (`pytest -s tests/neuqi_export/test_fast_cpu_int.py -k test_matches_the_torch_path`
+    # with a print of the count). At most 2: one more near-tie than measured, for another platform's float32
+    # summation order (the old bound, same >= 0.9, let 3 of 32 and 12 of 128 groups differ).
+    differ = int(((sr != sf) | (zr != zf)).sum())
+    assert differ <= 2, (differ, same)
 
 
 def test_dense_grid_and_pruning():

@@ -10,6 +10,7 @@ import pytest
 from neuqi_export.cli import main
 from neuqi_export.errors import UserError
 from neuqi_export.hub import is_repo_id, resolve_model
+from neuqi_export.master_store import is_master_dir
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -52,7 +53,7 @@ def test_offline_resolves_from_the_cache_and_quantizes(hub_env, tiny_llama_dir, 
     assert resolve_model("org/tiny") == str(snap)
     rc = main(["quantize", "org/tiny", "-o", str(tmp_path / "m"), "--bits", "4", "--group-size", "32",
                "--calib", str(real_assets.calib_text), "--nsamples", "2", "--seqlen", "32", "--quiet"])
-    assert rc == 0 and (tmp_path / "m" / "model.safetensors").is_file()
+    assert rc == 0 and is_master_dir(tmp_path / "m")
 
 
 def _fails(argv, capsys, *words):

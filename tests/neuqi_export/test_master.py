@@ -5,6 +5,7 @@ import torch
 
 from neuqi_export.errors import UserError
 from neuqi_export.master import MasterCheckpoint, QuantizedLinear
+from neuqi_export.master_store import weight_files
 from neuqi_export.quant.grid import dequantize, n_groups
 
 
@@ -38,7 +39,7 @@ def test_save_load_is_exact(tmp_path):
     # the record's stated layout: qweight is the little-endian stream of ceil(in*bits/8) bytes per row
     from safetensors.torch import load_file
 
-    raw = load_file(str(tmp_path / "m" / "model.safetensors"))
+    raw = {k: v for f in weight_files(tmp_path / "m") for k, v in load_file(str(f)).items()}
     assert raw["m.3.32.qweight"].shape == (7, (200 * 3 + 7) // 8)
     meta = json.loads((tmp_path / "m" / "config.json").read_text())["quantization_config"]["modules"]["m.3.32"]
     assert meta == {"bits": 3, "group_size": 32, "shape": [7, 200]}

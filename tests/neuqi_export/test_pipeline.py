@@ -4,10 +4,15 @@ import json
 import pytest
 import torch
 
+from model_factory import families, quantized_linear_names
+
 from neuqi_export import pipeline
+from neuqi_export.archs import family_for
 from neuqi_export.data import read_text
 from neuqi_export.errors import UserError
+from neuqi_export.experts import split_expert
 from neuqi_export.master import MasterCheckpoint
+from neuqi_export.master_store import tensor_digests
 from neuqi_export.modeling import load_hf_model, master_to_hf
 from neuqi_export.pipeline import QuantizeOptions, quantize_model
 
@@ -19,14 +24,14 @@ def calib(real_assets):
     return read_text(real_assets.calib_text)
 
 
-@pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_qwen2_dir", "tiny_mistral_dir"])
-def test_quantize_tiny_model_roundtrips_and_evaluates(fixture, request, tmp_path, calib):
-    model_dir = request.getfixturevalue(fixture)
+@pytest.mark.parametrize("model_type", families())
+def test_quantize_tiny_model_roundtrips_and_evaluates(model_type, tiny_family_dir, tmp_path, calib):
+    model_dir = tiny_family_dir(model_type)
     opts = QuantizeOptions(bits=3, group_size=32, init="neuqi", gptq=True, **OPTS)
     summary = quantize_model(model_dir, tmp_path / "m", opts, calib_text=calib, progress=False)
     master = MasterCheckpoint.load(tmp_path / "m")
-    n_layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
-    assert summary.layers == len(master.linears) == 7 * n_layers
+    cfg = json.loads((model_dir / "config.json").read_text())
+    assert summary.layers == len(master.linears) == len(quantized_linear_names(cfg))
     for name, lin in master.linears.items():
         assert lin.bits == 3 and int(lin.codes.max()) <= 7 and lin.hdiag.min() > 0
     q = master_to_hf(master)
@@ -37,9 +42,14 @@ def test_quantize_tiny_model_roundtrips_and_evaluates(fixture, request, tmp_path
     # a 3-bit model is close to, but not equal to, the original
     assert 0 < (lq - lo).abs().mean() < lo.abs().mean()
     for name, lin in master.linears.items():
+        if family_for(model_type).experts and ".experts." in name:  # an expert's slice of the fused parameters
+            base, e, part = name.rsplit(".", 2)
+            mod = q.get_submodule(base)
+            assert torch.equal(split_expert(mod.gate_up_proj.data, mod.down_proj.data, int(e))[part], lin.dequantize())
+            continue
         mod = q.get_submodule(name)
         assert torch.equal(mod.weight.data, lin.dequantize())
-        if fixture == "tiny_qwen2_dir" and name.endswith("q_proj"):
+        if model_type == "qwen2" and name.endswith("q_proj"):
             assert mod.bias is not None and torch.equal(mod.bias, orig.get_submodule(name).bias)
 
 
@@ -71,7 +81,7 @@ def test_interrupted_run_resumes_to_the_same_checkpoint(tiny_llama_dir, tmp_path
     monkeypatch.setattr(pipeline, "_quantize_block", flaky)
     with pytest.raises(KeyboardInterrupt):
         quantize_model(tiny_llama_dir, tmp_path / "r", opts, calib_text=calib, progress=False)
-    assert not (tmp_path / "r").exists() and (tmp_path / "r.partial" / "block_0000.safetensors").exists()
+    assert not (tmp_path / "r").exists() and (tmp_path / "r.partial" / "model-00001-of-00003.safetensors").exists()
     monkeypatch.setattr(pipeline, "_quantize_block", real)
     summary = quantize_model(tiny_llama_dir, tmp_path / "r", opts, calib_text=calib, progress=False)
     assert summary.resumed_blocks == 1 and not (tmp_path / "r.partial").exists()
@@ -134,8 +144,6 @@ def _head_inputs(model_dir, master, calib):
 def test_quantized_head(arch, head_master, tiny_llama_dir, tiny_qwen2_dir, calib):
     """--lm-head-bits: the head is a 4-bit record fitted on diag(H) of the final norm's outputs; a tied head is
     the embedding too (not stored twice)."""
-    from safetensors import safe_open
-
     model_dir = {"llama": tiny_llama_dir, "qwen2": tiny_qwen2_dir}[arch]
     path = head_master(arch, 4)
     master = MasterCheckpoint.load(path)
@@ -143,8 +151,7 @@ def test_quantized_head(arch, head_master, tiny_llama_dir, tiny_qwen2_dir, calib
     assert head.bits == 4 and head.group_size == 32 and int(head.codes.max()) <= 15
     assert master.quantization_config["lm_head"] == {"bits": 4, "tied_embedding": tied}
     assert master.head_shares_embedding == tied and len(master.linears) == 15
-    with safe_open(str(path / "model.safetensors"), "pt") as f:
-        stored = set(f.keys())
+    stored = set(tensor_digests(path))
     assert "lm_head.weight" not in stored and "lm_head.qweight" in stored
     assert ("model.embed_tokens.weight" in stored) == (not tied)
     if tied:  # derived on load: the embedding is the quantized head

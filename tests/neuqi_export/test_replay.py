@@ -1,5 +1,4 @@
 """Replaying final sub-module outputs inside a block's calibration (replay.py) changes no bit of the result."""
-import hashlib
 import json
 
 import pytest
@@ -7,6 +6,8 @@ import torch
 
 from neuqi_export import replay as replay_mod
 from neuqi_export.data import read_text
+from neuqi_export.master_store import tensor_digests
+import converters.gguf  # noqa: F401 - registers the GGUF types as quantizer grids (gguf_types below)
 from neuqi_export.pipeline import QuantizeOptions, quantize_model
 from neuqi_export.replay import BlockReplay
 
@@ -17,7 +18,7 @@ def calib(real_assets):
 
 
 def _sha(path):
-    return hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
+    return tensor_digests(path)
 
 
 @pytest.mark.parametrize("fixture,gguf", [("tiny_llama_dir", False), ("tiny_qwen2_dir", False),

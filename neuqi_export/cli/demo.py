@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
-from .master import EMBED
+from ..errors import UserError
+from ..master import EMBED
 
 GGUF_NAME = "model.gguf"
 REFERENCE_ROWS = ("original (fp32)", "master (exact)")  # always scored on every window
@@ -139,7 +139,7 @@ def score(runtime, path: Path, windows: torch.Tensor, decode_tokens: int, progre
     """Load `path` in `runtime`, score the windows in order (stopping after `budget_s`), time a greedy decode."""
     from tqdm.auto import tqdm
 
-    from .evaluate import window_nll
+    from ..evaluate import window_nll
 
     scorer = runtime.load(path, **load_options)
     try:
@@ -210,10 +210,10 @@ def run_demo(opts: DemoOptions, model_dir=None, calib_text: str | None = None, e
     from converters.registry import load_all as load_exporters
     from runtimes.registry import load_all as load_runtimes, runtime_for
 
-    from .cli import build_parser
-    from .data import eval_windows, read_text
-    from .master import MasterCheckpoint
-    from .pipeline import QuantizeOptions, quantize_model
+    from .parser import build_parser
+    from ..data import eval_windows, read_text
+    from ..master import MasterCheckpoint
+    from ..pipeline import QuantizeOptions, quantize_model
 
     t0, load0 = time.time(), os.getloadavg()[0]
     out = Path(opts.out)
@@ -225,7 +225,7 @@ def run_demo(opts: DemoOptions, model_dir=None, calib_text: str | None = None, e
     if unknown:
         raise UserError(f"unknown format(s) {', '.join(unknown)}; use some of {', '.join(sorted(exporters))}")
     if model_dir is None or calib_text is None or eval_text is None:
-        from .assets import fetch_assets
+        from ..assets import fetch_assets
 
         assets = fetch_assets(progress=opts.progress)
         model_dir = model_dir or assets.model_dir

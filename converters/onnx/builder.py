@@ -1,0 +1,117 @@
+"""A small ONNX graph builder over onnx.helper: unique names, shared constants, initializers with their byte count."""
+from __future__ import annotations
+
+import numpy as np
+from onnx import TensorProto, helper, numpy_helper
+
+NP_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+TP_DTYPES = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16}
+
+
+
+def lossless_half(arr: np.ndarray):
+    """(TensorProto type, raw uint16 array) of float32 `arr` in bfloat16 or float16, whichever holds every value
+    exactly (bf16 first: a bf16 checkpoint's weights always fit it), or None when neither does."""
+    a = np.ascontiguousarray(arr, dtype=np.float32)
+    bits = a.view(np.uint32)
+    if not (bits & 0xFFFF).any():
+        return TensorProto.BFLOAT16, (bits >> 16).astype(np.uint16)
+    with np.errstate(over="ignore"):
+        h = a.astype(np.float16)
+    if np.array_equal(h.astype(np.float32), a):
+        return TensorProto.FLOAT16, h.view(np.uint16)
+    return None
+
+
+class Builder:
+    """Nodes and initializers of one graph in activation dtype `dtype` ('fp32' or 'fp16'). `float_storage`:
+    how float weights of an fp32 graph are stored ('half': bf16/fp16 where that loses nothing, else fp16
+    rounded (fp32 where fp16's range cannot hold them), cast to fp32 in the graph; 'exact': only the lossless
+    half; 'fp32': as they are)."""
+
+    def __init__(self, dtype: str, float_storage: str = "half"):
+        self.dtype = dtype
+        self.float_storage = float_storage
+        self.stored: dict = {}  # float weight name -> the dtype it is stored in (BF16 / FP16), when not the graph's
+        self.rounded: set = set()  # float weights rounded to fp16 (float_storage 'half'), not exact
+        self.np = NP_DTYPES[dtype]
+        self.tp = TP_DTYPES[dtype]
+        self.nodes: list = []
+        self.inits: list = []
+        self._names: set = set()
+        self._consts: dict = {}
+        self.init_bytes = 0
+
+    def reserve(self, *names: str) -> None:
+        """Mark graph input/output names as taken."""
+        self._names.update(names)
+
+    def name(self, base: str) -> str:
+        """`base`, or `base_N` if taken; marks it taken."""
+        n, i = base, 0
+        while n in self._names:
+            i += 1
+            n = f"{base}_{i}"
+        self._names.add(n)
+        return n
+
+    def init(self, name: str, arr: np.ndarray) -> str:
+        """An initializer holding `arr` as it is; returns its (unique) name."""
+        name = self.name(name)
+        arr = np.ascontiguousarray(arr)
+        self.inits.append(numpy_helper.from_array(arr, name))
+        self.init_bytes += arr.nbytes
+        return name
+
+    def float_weight(self, name: str, arr: np.ndarray) -> str:
+        """A float weight as a tensor in the graph's dtype: in an fp32 graph stored as `float_storage` says and
+        cast to fp32; in an fp16 graph stored fp16."""
+        half = None
+        if self.dtype == "fp32" and self.float_storage != "fp32":
+            half = lossless_half(arr)
+            if half is None and self.float_storage == "half":
+                h = np.asarray(arr, dtype=np.float32).astype(np.float16)
+                if np.isfinite(h).all():
+                    half = TensorProto.FLOAT16, h.view(np.uint16)
+                    self.rounded.add(name)
+        if half is None:
+            return self.init(name, np.asarray(arr).astype(self.np))
+        tp, raw = half
+        self.stored[name] = "BF16" if tp == TensorProto.BFLOAT16 else "FP16"
+        stored = self.name(name)
+        self.inits.append(helper.make_tensor(stored, tp, raw.shape, raw.tobytes(), raw=True))
+        self.init_bytes += raw.nbytes
+        return self.op("Cast", [stored], f"{name}/to_f32", to=TensorProto.FLOAT)
+
+    def const(self, value, dtype) -> str:
+        """A small constant initializer, shared by every use of the same value and dtype."""
+        arr = np.asarray(value, dtype=dtype)
+        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        if key not in self._consts:
+            self._consts[key] = self.init(f"const_{len(self._consts)}", arr)
+        return self._consts[key]
+
+    def i64(self, *values) -> str:
+        """A shared int64 1-D constant (shapes, axes)."""
+        return self.const(list(values), np.int64)
+
+    def op(self, op_type: str, inputs: list, name: str | None = None, domain: str | None = None, n_out: int = 1, **attrs):
+        """Append a node; its output name (or the list of them with n_out > 1)."""
+        node_name = self.name(f"/{name or op_type}")
+        outs = [self.name(f"{node_name}/out{k}") for k in range(n_out)]
+        kw = {"domain": domain} if domain else {}
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=node_name, **kw, **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def op_to(self, op_type: str, inputs: list, output: str, **attrs) -> str:
+        """Append a node writing the (reserved) graph output `output`."""
+        self.nodes.append(helper.make_node(op_type, inputs, [output], name=self.name(f"/{output}"), **attrs))
+        return output
+
+    def to_float(self, x: str, name: str) -> str:
+        """x in float32 (a Cast when the graph runs in fp16)."""
+        return x if self.dtype == "fp32" else self.op("Cast", [x], f"{name}/to_f32", to=TensorProto.FLOAT)
+
+    def to_model(self, x: str, name: str) -> str:
+        """A float32 x back in the graph's dtype."""
+        return x if self.dtype == "fp32" else self.op("Cast", [x], f"{name}/to_model", to=self.tp)

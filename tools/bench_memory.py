@@ -1,0 +1,171 @@
+"""Peak memory and time of quantize and export against model depth, on LLaMA-2-7B-shaped random checkpoints.
+
+    python tools/bench_memory.py [--depths 2 4 8 16] [--gptq] [--formats gguf onnx] [--work DIR] [--note TEXT]
+
+Each depth is a random bf16 checkpoint of LLaMA-2-7B's block shape (hidden 4096, FFN 11008, 32 heads) written
+block by block as safetensors shards with an index (never held whole), with the fetched SmolLM2 tokenizer, so the
+vocabulary is its 49152 (LLaMA-2's is 32000; the calibration text must tokenize inside the table). Every command
+runs as its own process under /usr/bin/time -v: its peak RSS ("Maximum resident set size") and wall time are the
+numbers. The goal (issue 21): peak RSS flat in depth. The table, the per-block slope of a least-squares line through
+the peaks, and the 70B figure on paper go to docs/MEMORY.md with the command.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPE_7B = dict(hidden=4096, ffn=11008, heads=32, kv_heads=32)
+SHAPE_70B = dict(hidden=8192, ffn=28672, heads=64, kv_heads=8)
+
+
+def block_params(hidden: int, ffn: int, heads: int, kv_heads: int) -> int:
+    kv = hidden // heads * kv_heads
+    return 2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * ffn + 2 * hidden
+
+
+def write_checkpoint(out: Path, depth: int, vocab: int, tokenizer_dir: Path, seed: int = 0) -> int:
+    """A random bf16 LLaMA checkpoint of `depth` 7B-shaped blocks, one shard per block; returns its bytes."""
+    import torch
+    from safetensors.torch import save_file
+
+    h, f = SHAPE_7B["hidden"], SHAPE_7B["ffn"]
+    out.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
+
+    weight_map, total = {}, 0
+    shards = [("embed", {"model.embed_tokens.weight": rand(vocab, h)})]
+    for k in range(depth):
+        p = f"model.layers.{k}."
+        shards.append((f"block{k}", {
+            p + "self_attn.q_proj.weight": rand(h, h), p + "self_attn.k_proj.weight": rand(h, h),
+            p + "self_attn.v_proj.weight": rand(h, h), p + "self_attn.o_proj.weight": rand(h, h),
+            p + "mlp.gate_proj.weight": rand(f, h), p + "mlp.up_proj.weight": rand(f, h),
+            p + "mlp.down_proj.weight": rand(h, f),
+            p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+            p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16)}))
+    shards.append(("head", {"model.norm.weight": torch.ones(h, dtype=torch.bfloat16), "lm_head.weight": rand(vocab, h)}))
+    n = len(shards)
+    for i, (_, tensors) in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{n:05d}.safetensors"
+        save_file(tensors, str(out / name), metadata={"format": "pt"})
+        total += (out / name).stat().st_size
+        weight_map.update({t: name for t in tensors})
+        del tensors
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h, "intermediate_size": f,
+              "num_hidden_layers": depth, "num_attention_heads": SHAPE_7B["heads"],
+              "num_key_value_heads": SHAPE_7B["kv_heads"], "vocab_size": vocab, "max_position_embeddings": 4096,
+              "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+              "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2}
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    for fname in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tokenizer_dir / fname).is_file():
+            shutil.copy2(tokenizer_dir / fname, out / fname)
+    return total
+
+
+def timed(cmd: list[str]) -> dict:
+    """Run cmd under /usr/bin/time -v: {'rss_gb', 'seconds'}; raises with the tail of its output on failure."""
+    p = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}): {(p.stdout + p.stderr)[-1500:]}")
+    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr)[1])
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", p.stderr)[1]
+    secs = 0.0
+    for part in wall.split(":"):
+        secs = secs * 60 + float(part)
+    return {"rss_gb": rss / 2**20, "seconds": secs}
+
+
+def slope(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares (intercept, slope) of ys over xs."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    var = sum((x - mx) ** 2 for x in xs)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else 0.0
+    return my - b * mx, b
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--depths", nargs="+", type=int, default=[2, 4, 8, 16])
+    ap.add_argument("--formats", nargs="*", default=["gguf", "onnx"])
+    ap.add_argument("--gptq", action="store_true")
+    ap.add_argument("--nsamples", type=int, default=8)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--work", default="/tmp/bench_memory")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "MEMORY.md"))
+    ap.add_argument("--note", default="")
+    args = ap.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    from neuqi_export.assets import fetch_assets
+
+    assets = fetch_assets()
+    vocab = json.loads((assets.model_dir / "config.json").read_text())["vocab_size"]
+    work = Path(args.work)
+    cli = [sys.executable, "-m", "neuqi_export.cli"]
+    rows = []
+    for depth in args.depths:
+        ckpt, master = work / f"ckpt{depth}", work / f"master{depth}"
+        if not (ckpt / "config.json").is_file():
+            write_checkpoint(ckpt, depth, vocab, assets.model_dir)
+        disk = sum(f.stat().st_size for f in ckpt.glob("*.safetensors")) / 2**30
+        q = ["quantize", str(ckpt), "-o", str(master), "--bits", "4", "--group-size", "128", "--nsamples",
+             str(args.nsamples), "--seqlen", str(args.seqlen), "--force", "--quiet"] + (["--gptq"] if args.gptq else [])
+        row = {"depth": depth, "disk_gb": disk, "quantize": timed(cli + q)}
+        for fmt in args.formats:
+            out = work / f"m{depth}.{fmt}"
+            row[fmt] = timed(cli + ["export", str(master), "--to", fmt, "-o", str(out), "--force", "--quiet"])
+            shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink(missing_ok=True)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    write_doc(rows, args, Path(args.out))
+
+
+def write_doc(rows: list[dict], args, out: Path) -> None:
+    cmd = "python tools/bench_memory.py " + " ".join(
+        [f"--depths {' '.join(map(str, args.depths))}", f"--formats {' '.join(args.formats)}",
+         f"--nsamples {args.nsamples}", f"--seqlen {args.seqlen}"] + (["--gptq"] if args.gptq else [])
+        + ([f"--note '{args.note}'"] if args.note else []))
+    stages = ["quantize", *args.formats]
+    lines = ["# Memory against depth (issue 21)", "", f"Command: `{cmd}`", "",
+             "Random bf16 checkpoints of LLaMA-2-7B's block shape (hidden 4096, FFN 11008, 32 heads; vocabulary 49152, "
+             "the SmolLM2 tokenizer's), 4-bit g128 NeUQI" + (" + GPTQ" if args.gptq else " (no GPTQ)")
+             + f", {args.nsamples} x {args.seqlen} calibration tokens. Peak RSS and wall time of each command as its own "
+             "process (/usr/bin/time -v)." + (f" {args.note}" if args.note else ""), "",
+             "| blocks | checkpoint GiB | " + " | ".join(f"{s} peak RSS GiB | {s} s" for s in stages) + " |",
+             "|---|---|" + "---|---|" * len(stages)]
+    for r in rows:
+        lines.append(f"| {r['depth']} | {r['disk_gb']:.2f} | "
+                     + " | ".join(f"{r[s]['rss_gb']:.2f} | {r[s]['seconds']:.0f}" for s in stages) + " |")
+    lines.append("")
+    if len(rows) >= 2:
+        xs = [r["depth"] for r in rows]
+        per_block_bytes = block_params(**SHAPE_7B) * 2 / 2**30
+        for s in stages:
+            a, b = slope(xs, [r[s]["rss_gb"] for r in rows])
+            lines.append(f"- {s}: peak RSS ≈ {a:.2f} + {b:.3f} GiB per block (one block is {per_block_bytes:.2f} GiB "
+                         "in bf16, twice that in fp32)")
+        ratio = block_params(**SHAPE_70B) / block_params(**SHAPE_7B)
+        a, b = slope(xs, [r["quantize"]["rss_gb"] for r in rows])
+        big = max(r["quantize"]["rss_gb"] for r in rows) - a  # what the largest run needed beyond the fixed part
+        lines += ["", f"On paper, 70B (80 blocks of hidden 8192, FFN 28672, GQA 8): a block has {ratio:.2f}x the "
+                  f"parameters of a 7B block; with the per-block slope above, quantize would peak near "
+                  f"{a + 80 * b * ratio:.1f} GiB (the fixed part as measured: a 70B embedding, 32000 x 8192, is about this one, 49152 x 4096; the slope x 80 blocks); "
+                  f"if the peak is one block's working set ({big:.2f} GiB here beyond the fixed part), near "
+                  f"{a + big * ratio:.1f} GiB."]
+    out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
