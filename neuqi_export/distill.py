@@ -1,8 +1,8 @@
 """Lightweight distillation of a master checkpoint against the original model (NEUQI.md, last section).
 
 Frozen: the integer codes, the embeddings, the lm_head and a mixture-of-experts router (float). Trained: every
-per-group scale and float zero-point (each expert's too: distill_experts.py), the norm weights and the biases. Loss: MSE between the final hidden states (after the
-final norm, before lm_head) of the teacher (the original HF model) and the student (the master,
+per-group scale and float zero-point (each expert's too: distill_experts.py), the norm weights and the biases.
+Loss: MSE between the final hidden states (after the final norm, before lm_head) of the teacher (the original HF model) and the student (the master,
 dequantized on the fly), averaged over tokens and features. AdamW (β 0.9/0.95, no weight decay),
 batch 1, cosine schedule with 10% linear warm-up.
 

@@ -25,7 +25,8 @@ class QuantExperts(torch.nn.ModuleList):
         self.act_fn = act_fn
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-        """(tokens, hidden) -> (tokens, hidden): Σ over each token's top-k experts of weight · down(act(gate x) · up x)."""
+        """(tokens, hidden) -> (tokens, hidden): the sum over each token's top-k experts of its routing weight
+        times down(act(gate x) · up x)."""
         out = torch.zeros_like(hidden_states)
         for e, ex in enumerate(self):
             token_idx, pos = torch.where(top_k_index == e)

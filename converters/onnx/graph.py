@@ -8,8 +8,8 @@ Outputs:
 with T = float32 or float16 (`dtype`); total_seq = past_seq + seq. Every layer keeps its whole past; a
 sliding-window layer masks the keys older than its window.
 
-Ops: standard ONNX (opset 17; a mixture-of-experts block as in `moe.py`) except the quantized linears (com.microsoft MatMulNBits, version 1) and, when a
-tied output head is quantized, the embedding (com.microsoft GatherBlockQuantized, `embedding.py`). Every fact
+Ops: standard ONNX (opset 17; a mixture-of-experts block as in `moe.py`) except the quantized linears
+(com.microsoft MatMulNBits, version 1) and, when a tied output head is quantized, the embedding (com.microsoft GatherBlockQuantized, `embedding.py`). Every fact
 about the model comes from its Family entry: the block's norms by role (pre / post norms, q/k norms over a head
 or the full width), the norm offset (Gemma: x̂ (1 + w)), fused projections split by rows, the activation, the
 embedding / attention / residual / logit scales, the soft-caps, and each layer's window and rotary settings
