@@ -1,8 +1,8 @@
 """Lightweight distillation of a master checkpoint against the original model (NEUQI.md, last section).
 
-Frozen: the integer codes, the embeddings and the lm_head. Trained: every per-group scale and float
-zero-point, the norm weights and the biases. Loss: MSE between the final hidden states (after the
-final norm, before lm_head) of the teacher (the original HF model) and the student (the master,
+Frozen: the integer codes, the embeddings, the lm_head and a mixture-of-experts router (float). Trained: every
+per-group scale and float zero-point (each expert's too: distill_experts.py), the norm weights and the biases.
+Loss: MSE between the final hidden states (after the final norm, before lm_head) of the teacher (the original HF model) and the student (the master,
 dequantized on the fly), averaged over tokens and features. AdamW (β 0.9/0.95, no weight decay),
 batch 1, cosine schedule with 10% linear warm-up.
 
@@ -143,11 +143,15 @@ class QuantLinear(torch.nn.Module):
 
 def build_student(master: MasterCheckpoint):
     """The master as a transformers model whose quantized linears are QuantLinear; sets requires_grad."""
+    from .archs import family_for
+    from .distill_experts import install
     from .modeling import master_to_hf
 
     model = master_to_hf(master)
+    # mixture of experts: each expert's gate/up/down a QuantLinear of its own, the router float (frozen)
+    experts = install(model, master, family_for(master.config), lambda rec: QuantLinear(rec, None))
     for name, rec in master.linears.items():
-        if name == HEAD:
+        if name == HEAD or name in experts:
             continue  # a quantized lm_head stays frozen (NEUQI.md): its dequantized weights, as master_to_hf set them
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
@@ -288,7 +292,7 @@ def distill(master_dir, teacher_dir, text: str, out, opts: DistillOptions | None
     """
     from transformers import AutoTokenizer
 
-    from .archs import family_for, read_model_dir
+    from .archs import read_model_dir
     from .data import calibration_windows, check_context
     from .pipeline import resolve_device
 
@@ -302,7 +306,6 @@ def distill(master_dir, teacher_dir, text: str, out, opts: DistillOptions | None
         raise UserError(f"output '{out}' is the input master; choose another -o")
     master = MasterCheckpoint.load(master_dir)
     master.require_uniform("distillation")
-    family_for(master.config).require_dense("distillation", "use the master as quantized (without distill)")
     teacher_dir, teacher_cfg, _ = read_model_dir(teacher_dir)
     _check_teacher(master, teacher_cfg, teacher_dir)
     check_context(master.config, opts.seqlen)

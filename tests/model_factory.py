@@ -102,6 +102,23 @@ def quantized_linear_names(config: dict) -> list[str]:
     return [f"{fam.blocks_path}.{i}.{lin}" for i in range(n) for lin in names]
 
 
+def _per_expert(sd: dict) -> dict:
+    """The state dict with transformers 5's fused experts (`<x>.experts.gate_up_proj` / `.down_proj`) split into
+    the per-expert `<x>.experts.<e>.{gate,up,down}_proj.weight` the master stores (neuqi_export/experts.py)."""
+    from neuqi_export.experts import split_expert
+
+    out = {}
+    for name, p in sd.items():
+        base, leaf = name.rsplit(".", 1)
+        if base.endswith("experts") and leaf == "gate_up_proj":
+            for e in range(p.shape[0]):
+                for part, w in split_expert(p, sd[f"{base}.down_proj"], e).items():
+                    out[f"{base}.{e}.{part}.weight"] = w
+        elif not (base.endswith("experts") and leaf == "down_proj"):
+            out[name] = p
+    return out
+
+
 def master_from_model(model, quantize, tok_dir: Path | None, qcfg: dict):
     """A MasterCheckpoint of `model`: every quantized linear from `quantize(W) -> QuantizedLinear`, the rest float
     (a tied lm_head is left out, as the pipeline does)."""
@@ -111,7 +128,7 @@ def master_from_model(model, quantize, tok_dir: Path | None, qcfg: dict):
     cfg["quantization_config"] = {"quant_method": "neuqi", **qcfg}
     targets = set(quantized_linear_names(cfg))
     linears, tensors = {}, {}
-    for name, p in model.state_dict().items():
+    for name, p in _per_expert(model.state_dict()).items():
         mod = name.rsplit(".", 1)[0]
         if name.endswith(".weight") and mod in targets:
             linears[mod] = quantize(p.detach().float())

@@ -46,3 +46,27 @@ def stack(name: str, parts: dict[int, PackedTensor], n_experts: int,
 def is_f32_role(gguf_name: str) -> bool:
     """Whether llama.cpp's converter keeps this tensor F32 (the MoE router)."""
     return any(f".{role}." in gguf_name for role in F32_ROLES)
+
+
+def expert_roles(config: dict) -> dict[str, tuple[str, int]]:
+    """{expert part (gate_proj / up_proj / down_proj): (its stacked GGUF role, e.g. 'ffn_down_exps', row length =
+    input dim)} of an MoE family's blocks, from gguf-py's tensor names; {} for a dense family."""
+    from neuqi_export.errors import UserError
+
+    from .arch import check, tensor_map
+
+    fam = check(config)
+    if fam.experts is None:
+        return {}
+    from neuqi_export.experts import PARTS
+
+    tmap = tensor_map(fam, 1)
+    inter = int(config.get("moe_intermediate_size") or config["intermediate_size"])
+    out = {}
+    for part in PARTS:
+        g = tmap.get_name(f"{fam.blocks_path}.0.{fam.experts}.{part}.weight", try_suffixes=(".weight",))
+        if g is None:
+            raise UserError(f"{fam.model_type}: experts' {part} has no GGUF name in llama.cpp's {fam.gguf_arch}; "
+                            "export another format")
+        out[part] = (g.split(".")[2], inter if part == "down_proj" else int(config["hidden_size"]))
+    return out

@@ -30,10 +30,17 @@ dense, non-Falcon models, no --pure, no per-tensor overrides). Each preset has a
   fallback, see below: Q8_0 when n_embd is not a multiple of 256; types.head_type). An untied token_embd gets
   the base type.
 
+  Mixture of experts: llama-quantize sorts a tensor by its name ("ffn_down" in blk.N.ffn_down_exps), so the
+  stacked experts follow the table's columns: ffn_down_exps takes ffn_down's rules, with i the block number read
+  from the name (n_expert > 1) and n the layer count; ffn_gate_exps / ffn_up_exps take "others"; the router
+  ffn_gate_inp is never quantized (F32, converters/gguf/experts.py). A model with exactly 8 experts (Mixtral
+  8x7B) also gets: attn_v Q8_0 (after its rules above) and attn_k Q8_0 in every preset, attn_output Q5_K for
+  Q2_K, Q3_K_S, Q3_K_M, Q4_K_S, Q4_K_M, IQ4_NL and the base type otherwise (the n_expert != 8 attn_output rules do
+  not apply then). Rows of the expert stacks: n_embd for gate/up, the expert width for down (fallbacks as below).
+
   Rules llama-quantize applies only with an imatrix are not followed (our exports are compared with its
   imatrix-free output): with an imatrix, Q4_0 / Q5_0 put ffn_down of the first n/8 layers in Q4_1 / Q5_1, and
-  IQ4_NL's ffn_down Q5_K rule applies only WITHOUT one (as here). Rules for MoE models (n_expert 8) and 70B
-  models are not followed either (the exporter refuses MoE).
+  IQ4_NL's ffn_down Q5_K rule applies only WITHOUT one (as here). 70B-model rules are not followed either.
 
   Q4_0 / Q5_0 / Q8_0 / IQ4_NL have no fallback in llama-quantize (it stops on a row that is not a multiple of
   32); a plan gives such a row F16 instead.
@@ -65,6 +72,7 @@ import gguf
 from neuqi_export.errors import UserError
 
 from .arch import block_linears
+from .experts import expert_roles
 from .types import SINGLE_TYPES, TYPES, fallback_type, head_type
 
 PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q4_1", "Q5_1",
@@ -81,8 +89,18 @@ def more_bits(i: int, n: int) -> bool:
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
-def _role_type(preset: str, role: str, i: int, n: int, n_gqa: int) -> str:
+_MOE8_ATTN_OUT = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "IQ4_NL")  # attn_output Q5_K with 8 experts
+
+
+def _role_type(preset: str, role: str, i: int, n: int, n_gqa: int, n_expert: int = 1) -> str:
+    """llama-quantize's type for a block tensor of GGUF `role` in layer i of n (before the row fallback)."""
     t = BASE[preset]
+    if role.startswith("ffn_down"):  # llama-quant.cpp matches "ffn_down" in the name: ffn_down_exps too
+        role = "ffn_down"
+    if n_expert == 8 and role == "attn_k":
+        return "Q8_0"
+    if n_expert == 8 and role == "attn_output":
+        return "Q5_K" if preset in _MOE8_ATTN_OUT else t
     if role in ("attn_v", "attn_qkv"):  # llama-quant.cpp category_is_attn_v: a fused qkv gets attn_v's rules
         if preset == "Q2_K":
             t = "Q4_K" if n_gqa >= 4 else "Q3_K"
@@ -96,6 +114,8 @@ def _role_type(preset: str, role: str, i: int, n: int, n_gqa: int) -> str:
             t = "Q5_K"
         elif preset == "IQ4_NL" and n_gqa >= 4:
             t = "Q5_K"
+        if n_expert == 8:
+            t = "Q8_0"
     elif role == "ffn_down":
         if preset == "Q2_K":
             t = "Q3_K"
@@ -152,22 +172,45 @@ def preset_plan(name: str, model_config: dict, tied: bool | None = None) -> dict
     else:
         put("token_embd.weight", base, n_embd)
         put("output.weight", out_t, n_embd)
+    n_expert = _n_expert(c)
     for i in range(n):
         for role in rows_in:
-            put(f"blk.{i}.{role}.weight", _role_type(preset, role, i, n, n_head // n_kv), rows_in[role])
+            put(f"blk.{i}.{role}.weight", _role_type(preset, role, i, n, n_head // n_kv, n_expert), rows_in[role])
     return plan
 
 
+def _n_expert(c: dict) -> int:
+    """llama.cpp's n_expert (the expert_count key): the family's expert count, 1 for a dense family."""
+    from neuqi_export.archs import family_for
+    from neuqi_export.experts import num_experts
+
+    return num_experts(c) if family_for(c).experts is not None else 1
+
+
 def row_lengths(c: dict) -> dict[str, int]:
-    """{GGUF role: input dim (the GGUF row length)} of each linear of a block of the model's family."""
-    return {role: row for role, (_, row) in block_linears(c).items()}
+    """{GGUF role: input dim (the GGUF row length)} of each linear of a block of the model's family, the stacked
+    experts' roles (ffn_{gate,up,down}_exps) included."""
+    rows = {role: row for role, (_, row) in block_linears(c).items()}
+    rows.update({role: row for role, row in expert_roles(c).values()})
+    return rows
 
 
 def linear_names(model_config: dict, prefix: str = "model.layers") -> dict[str, str]:
-    """{HF linear module name: GGUF weight name} of the model's family (layer by layer, calibration order)."""
+    """{HF linear module name: GGUF weight name} of the model's family (layer by layer, calibration order); every
+    expert's gate/up/down (`<prefix>.<i>.<experts>.<e>.<part>`) names its block's stacked tensor."""
+    from neuqi_export.archs import family_for
+
     n = int(model_config["num_hidden_layers"])
     roles = block_linears(model_config)
-    return {f"{prefix}.{i}.{hf}": f"blk.{i}.{role}.weight" for i in range(n) for role, (hf, _) in roles.items()}
+    experts = expert_roles(model_config)
+    fam = family_for(model_config)
+    out = {}
+    for i in range(n):
+        out.update({f"{prefix}.{i}.{hf}": f"blk.{i}.{role}.weight" for role, (hf, _) in roles.items()})
+        for e in range(_n_expert(model_config) if experts else 0):
+            out.update({f"{prefix}.{i}.{fam.experts}.{e}.{part}": f"blk.{i}.{role}.weight"
+                        for part, (role, _) in experts.items()})
+    return out
 
 
 def _by_module(plan: dict[str, tuple[str, int]], model_config: dict, prefix: str, pick: int) -> dict:

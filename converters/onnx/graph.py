@@ -8,8 +8,8 @@ Outputs:
 with T = float32 or float16 (`dtype`); total_seq = past_seq + seq. Every layer keeps its whole past; a
 sliding-window layer masks the keys older than its window.
 
-Ops: standard ONNX (opset 17) except the quantized linears (com.microsoft MatMulNBits, version 1) and, when a
-tied output head is quantized, the embedding (com.microsoft GatherBlockQuantized, `embedding.py`). Every fact
+Ops: standard ONNX (opset 17; a mixture-of-experts block as in `moe.py`) except the quantized linears
+(com.microsoft MatMulNBits, version 1) and, when a tied output head is quantized, the embedding (com.microsoft GatherBlockQuantized, `embedding.py`). Every fact
 about the model comes from its Family entry: the block's norms by role (pre / post norms, q/k norms over a head
 or the full width), the norm offset (Gemma: x̂ (1 + w)), fused projections split by rows, the activation, the
 embedding / attention / residual / logit scales, the soft-caps, and each layer's window and rotary settings
@@ -31,6 +31,7 @@ from .attention import Masks, attend
 from .builder import NP_DTYPES, Builder
 from .embedding import quantized_embedding
 from .matmulnbits import NBitsWeights, group_sum_matrix, prepare
+from .moe import moe_mlp, routing
 from .rope import cos_sin, rope_spec, rotate
 
 ONNX_OPSET = 17
@@ -73,7 +74,9 @@ class ModelDims:
 
 def check_config(cfg: dict) -> None:
     """UserError (one line) when the graph cannot express this HF config; nothing otherwise."""
-    ModelDims(cfg)
+    d = ModelDims(cfg)
+    if d.family.experts is not None:
+        routing(cfg, d.model_type)
 
 
 class DecoderGraph:
@@ -243,9 +246,12 @@ class DecoderGraph:
         o = self.norm_role(self.linear(o, f"{p}.self_attn.o_proj"), p, "attn_out")
         x = b.op("Add", [x, self.scaled(o, d.residual_scale, f"{p}/attn_residual_scale")], f"{p}/residual_attn")
         h = self.norm_role(x, p, "ffn_in")
-        gate, up = self.projection(h, p, "mlp.gate_proj"), self.projection(h, p, "mlp.up_proj")
-        act = b.op("Mul", [self.activation(gate, f"{p}/act"), up], f"{p}/glu")
-        m = self.norm_role(self.linear(act, f"{p}.mlp.down_proj"), p, "ffn_out")
+        if self.fam.experts is not None:  # mixture of experts: moe.py
+            m = self.norm_role(moe_mlp(self, h, p), p, "ffn_out")
+        else:
+            gate, up = self.projection(h, p, "mlp.gate_proj"), self.projection(h, p, "mlp.up_proj")
+            act = b.op("Mul", [self.activation(gate, f"{p}/act"), up], f"{p}/glu")
+            m = self.norm_role(self.linear(act, f"{p}.mlp.down_proj"), p, "ffn_out")
         return b.op("Add", [x, self.scaled(m, d.residual_scale, f"{p}/mlp_residual_scale")], f"{p}/residual_mlp")
 
     def io(self) -> tuple[list, list]:

@@ -129,12 +129,6 @@ class Family:
         """Every quantized linear of a block, in calibration order."""
         return tuple(name for subset in self.subsets for name in subset)
 
-    def require_dense(self, what: str, way_out: str = "export mlx or compressed-tensors instead") -> None:
-        """UserError (one line naming the family, `what` and the way out) when `what` cannot take a
-        mixture-of-experts model (GGUF and ONNX exporters, distill: issue 20)."""
-        if self.experts is not None:
-            raise UserError(f"{self.model_type}: {what} does not take mixture-of-experts models yet; {way_out}")
-
     def activation(self, config: dict) -> str:
         """'silu' or 'gelu_tanh' (the MLP's gate activation); UserError for another."""
         act = config.get(self.activation_key) or config.get("hidden_act") or "silu"

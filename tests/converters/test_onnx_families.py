@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 from model_factory import build_model as factory_model
-from model_factory import dense_families
+from model_factory import families
 
 from converters.onnx import export_onnx
 from converters.onnx.export import build_model
@@ -51,7 +51,7 @@ def _run(sess, ids, past=None, past_len=0):
     return out["logits"], out
 
 
-@pytest.mark.parametrize("model_type", dense_families())  # MoE: refused by ONNX (issue 20)
+@pytest.mark.parametrize("model_type", families())
 def test_kv_cache_decode_equals_full_forward(model_type, one_thread):
     """20 tokens (longer than the sliding window of 8): full forward = master; a prefix of 3 then one token at a
     time through the cache = the full forward; each layer's cache input/output has that layer's dims."""
@@ -110,7 +110,7 @@ def test_longrope_switches_tables_like_transformers(one_thread):
     assert rel_err(_run(sess, ids)[0], long_ref) < 1e-4
 
 
-@pytest.mark.parametrize("model_type", dense_families())  # MoE: refused by ONNX (issue 20)
+@pytest.mark.parametrize("model_type", families())
 def test_genai_config_only_where_genai_has_the_type(model_type, tmp_path):
     fam = family_for(model_type)
     out = tmp_path / "onnx"
@@ -129,7 +129,7 @@ def test_genai_config_only_where_genai_has_the_type(model_type, tmp_path):
 def test_cli_prints_why_genai_config_is_left_out(tmp_path, capsys):
     from neuqi_export.cli import main
 
-    no_genai = [f for f in dense_families() if family_for(f).genai_type is None]
+    no_genai = [f for f in families() if family_for(f).genai_type is None]
     assert no_genai  # olmo2: onnxruntime-genai's builder and runtime have no olmo2 type
     master_of(no_genai[0]).save(tmp_path / "master")
     assert main(["export", str(tmp_path / "master"), "--to", "onnx", "-o", str(tmp_path / "onnx"),

@@ -10,7 +10,7 @@ from neuqi_export.master import MasterCheckpoint, QuantizedLinear
 from neuqi_export.modeling import load_hf_model, master_to_hf
 from neuqi_export.pipeline import QuantizeOptions, quantize_model
 
-from model_factory import dense_families
+from model_factory import families
 
 FAST = dict(nsamples=4, seqlen=64)
 
@@ -78,7 +78,7 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
     assert f(2) == pytest.approx(1.0) and f(11) < f(5) and f(19) < 0.02
 
 
-@pytest.mark.parametrize("which", dense_families())
+@pytest.mark.parametrize("which", families())
 def test_distill_lowers_the_loss_and_keeps_codes_and_embeddings(which, family_master, tmp_path, calib):
     master_dir, teacher_dir = family_master(which)
     opts = DistillOptions(nsamples=4, seqlen=64, steps=12)
@@ -212,3 +212,21 @@ def test_a_quantized_head_stays_frozen(head_master, tiny_llama_dir, tmp_path, ca
     assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale) and torch.equal(a.zero, b.zero)
     assert after.head_shares_embedding and torch.equal(after.tensors["model.embed_tokens.weight"], b.dequantize())
     assert not torch.equal(after.linears["model.layers.0.mlp.up_proj"].scale, before.linears["model.layers.0.mlp.up_proj"].scale)
+
+
+@pytest.mark.parametrize("which", ["qwen3_moe", "mixtral"])
+def test_moe_student_computes_the_master_and_trains_every_expert(which, family_master, calib):
+    """Before any step the student (each expert a QuantLinear, distill_experts.py) computes the master's
+    dequantized model; it trains every expert's scales and zeros, and not the router."""
+    from neuqi_export.distill import build_student, trainable
+
+    master_dir, teacher_dir = family_master(which)
+    master = MasterCheckpoint.load(master_dir)
+    student = build_student(master)
+    ids = calibration_windows(load_hf_model(teacher_dir)[1], calib, 1, 48, seed=2)
+    with torch.no_grad():
+        torch.testing.assert_close(student(ids).logits, master_to_hf(master)(ids).logits, rtol=1e-5, atol=1e-5)
+    names = set(trainable(student))
+    experts = [n for n in master.linears if ".experts." in n]
+    assert experts and all(f"{n}.scale" in names and f"{n}.zero" in names for n in experts)
+    assert not any(".mlp.gate." in n for n in names)
