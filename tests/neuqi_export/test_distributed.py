@@ -1,0 +1,129 @@
+"""Quantizing across processes (torch.distributed, gloo): 2 processes give the master one process gives, to the
+sha256 of every tensor; the CLI's --nproc; a rank that dies or hangs stops the run, and the rerun resumes."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from neuqi_export import distributed
+from neuqi_export.cli.launch import _free_port, without_nproc, worker_env
+from neuqi_export.master_store import tensor_digests
+from neuqi_export.pipeline import QuantizeOptions, quantize_model
+from neuqi_export.data import read_text
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = Path(__file__).with_name("dist_worker.py")
+BASE = dict(bits=3, group_size=32, init="neuqi", nsamples=5, seqlen=48)  # 5 windows: rank 0 gets 3, rank 1 gets 2
+
+
+def _env(extra: dict) -> dict:
+    env = dict(extra, PYTHONPATH=os.pathsep.join([str(ROOT), extra.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
+    return env
+
+
+def _ranks(jobs: list, tmp: Path, n: int = 2, timeout_env: str = "60", wait: float = 240) -> list:
+    """Run dist_worker.py as n gloo ranks over `jobs`; [(rc, stdout, stderr, seconds)] per rank."""
+    spec = tmp / f"jobs-{time.monotonic_ns()}.json"
+    spec.write_text(json.dumps(jobs))
+    port = _free_port()
+    t0 = time.monotonic()
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(spec)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=_env(dict(worker_env(r, n, port), NEUQI_TEST_TIMEOUT=timeout_env)))
+             for r in range(n)]
+    out = []
+    for p in procs:
+        try:
+            so, se = p.communicate(timeout=wait)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            so, se = p.communicate()
+        out.append((p.returncode, so, se, time.monotonic() - t0))
+    return out
+
+
+def _reference(model_dir, out, opts, calib):
+    quantize_model(model_dir, out, QuantizeOptions(**opts), calib_text=read_text(calib), progress=False)
+    return tensor_digests(out)
+
+
+@pytest.fixture(scope="module")
+def calib_file(real_assets):
+    return str(real_assets.calib_text)
+
+
+def test_two_processes_write_the_master_one_process_writes(tiny_llama_dir, tiny_qwen2_dir, tmp_path, calib_file):
+    cases = [(d, gptq) for d in (tiny_llama_dir, tiny_qwen2_dir) for gptq in (False, True)]
+    jobs = [{"model": str(d), "out": str(tmp_path / f"dist{i}"), "calib": calib_file, "opts": dict(BASE, gptq=g)}
+            for i, (d, g) in enumerate(cases)]
+    res = _ranks(jobs, tmp_path)
+    assert [r[0] for r in res] == [0, 0], [r[2][-2000:] for r in res]
+    for i, (d, g) in enumerate(cases):
+        ref = _reference(d, tmp_path / f"one{i}", dict(BASE, gptq=g), calib_file)
+        got = tensor_digests(tmp_path / f"dist{i}")
+        assert got == ref, (d.name, g, sorted(k for k in ref if got.get(k) != ref[k])[:5])
+        assert not (tmp_path / f"dist{i}.partial").exists()
+    # every rank reports the same losses (it set the same quantized weights)
+    reports = [[json.loads(line) for line in r[1].splitlines() if line.startswith("{")] for r in res]
+    assert [x["hessian_loss"] for x in reports[0]] == [x["hessian_loss"] for x in reports[1]]
+
+
+def test_cli_nproc_2_matches_one_process(tiny_llama_dir, tmp_path, calib_file):
+    opts = dict(BASE, gptq=True)
+    ref = _reference(tiny_llama_dir, tmp_path / "one", opts, calib_file)
+    cmd = [sys.executable, "-m", "neuqi_export", "quantize", str(tiny_llama_dir), "-o", str(tmp_path / "two"),
+           "--nproc", "2", "--bits", "3", "--group-size", "32", "--gptq", "--nsamples", "5", "--seqlen", "48",
+           "--calib", calib_file, "--device", "cpu", "--quiet"]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=_env(dict(os.environ)), timeout=240)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "wrote" in p.stdout and "(2 processes)" in p.stdout
+    assert tensor_digests(tmp_path / "two") == ref
+
+
+@pytest.mark.parametrize("how", ["kill", "hang"])
+def test_a_rank_that_dies_or_hangs_stops_the_run_and_the_rerun_resumes(tiny_llama_dir, tmp_path, calib_file, how):
+    opts = dict(BASE, gptq=True)
+    job = {"model": str(tiny_llama_dir), "out": str(tmp_path / "m"), "calib": calib_file, "opts": opts,
+           "die_at": [1, 1, how]}  # rank 1 at the start of block 1 (block 0 is finished and saved)
+    res = _ranks([job], tmp_path, timeout_env="5", wait=90)
+    rc0, _, err0, secs = res[0]
+    assert rc0 == 2, err0[-2000:]
+    lines = [ln for ln in err0.splitlines() if ln.startswith("neuqi-export: error:")]
+    assert len(lines) == 1 and "rank 0 of 2" in lines[0] and "from rank 1" in lines[0], err0[-2000:]
+    assert secs < 60
+    partial = tmp_path / "m.partial"
+    assert any(partial.glob("*-00001-of-*.safetensors.json")), sorted(p.name for p in partial.iterdir())
+    assert not (tmp_path / "m").exists()
+    s = quantize_model(tiny_llama_dir, tmp_path / "m", QuantizeOptions(**opts), calib_text=read_text(calib_file),
+                       progress=False)
+    assert s.resumed_blocks == 1
+    assert tensor_digests(tmp_path / "m") == _reference(tiny_llama_dir, tmp_path / "ref", opts, calib_file)
+
+
+def test_owner_plan_balances_each_subset_by_out_times_in():
+    plan = distributed.OwnerPlan(distributed.World(0, 2))
+    qkv = plan.assign({"q": 64 * 64, "k": 32 * 64, "v": 32 * 64})
+    assert qkv == {"q": 0, "k": 1, "v": 1}
+    assert plan.assign({"o": 64 * 64}) == {"o": 0}  # both at 4096: the tie goes to the lower rank
+    assert plan.assign({"gate": 128 * 64, "up": 128 * 64}) == {"gate": 1, "up": 0}  # rank 1 was behind
+    assert plan.assign({"down": 64 * 128}) == {"down": 1}  # rank 0 carries more of the block so far
+    alone = distributed.OwnerPlan(distributed.SINGLE)
+    assert set(alone.assign({"q": 1, "k": 2}).values()) == {0}
+
+
+def test_windows_and_argv_helpers():
+    assert distributed.my_windows(distributed.World(1, 3), 8) == [1, 4, 7]
+    assert without_nproc(["quantize", "m", "--nproc", "2", "-o", "x"]) == ["quantize", "m", "-o", "x"]
+    assert without_nproc(["quantize", "--nproc=4", "m"]) == ["quantize", "m"]
+
+
+def test_too_few_windows_for_the_processes_is_one_line():
+    from neuqi_export.errors import UserError
+
+    with pytest.raises(UserError, match="--nsamples 1 is below the 2 processes"):
+        distributed.check_supported(distributed.World(0, 2), type("F", (), {"experts": None})(),
+                                    QuantizeOptions(nsamples=1))
