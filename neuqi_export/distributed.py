@@ -26,6 +26,7 @@ from datetime import timedelta
 
 import torch
 
+from . import dist_faults as _faults
 from .errors import UserError
 from .hessian import HessianAccumulator
 
@@ -87,7 +88,13 @@ def init(device: str = "cpu", timeout_s: float | None = None) -> tuple[World, st
         device = f"cuda:{local}"
     if not dist.is_initialized():
         timeout = timedelta(seconds=float(timeout_s or DEFAULT_TIMEOUT_S))
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout, rank=rank, world_size=size)
+        try:
+            dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout, rank=rank, world_size=size)
+        except (RuntimeError, ValueError) as exc:
+            msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            raise UserError(f"rank {rank} of {size}: could not join the other processes ({msg}); check "
+                            "MASTER_ADDR/MASTER_PORT and that every rank was started") from None
+        _faults.register(rank)
     return World(rank, size, local, dist.get_backend()), device
 
 
@@ -105,13 +112,14 @@ def current() -> World:
 def guarded(world: World, what: str):
     """Run collectives; a failure (a rank died, or one hung past the timeout) becomes one UserError naming this rank
     and `what` (which says the rank waited on)."""
+    _faults.at(world.rank, what)
     try:
         yield
     except RuntimeError as exc:  # DistBackendError / gloo's connection and timeout errors are RuntimeErrors
-        msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise UserError(f"rank {world.rank} of {world.size}: {what} failed ({msg}); another rank died or hung past "
-                        "--dist-timeout. Finished blocks stay in <out>.partial: rerun the same command (any --nproc) "
-                        "to resume") from None
+        msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        raise UserError(f"rank {world.rank} of {world.size}: {_faults.diagnose(world.rank, world.size, what)}; "
+                        f"stopped while {what} ({msg}). Finished blocks stay in <out>.partial: rerun the same "
+                        "command (any --nproc) to resume") from None
 
 
 def from_rank0(world: World, fn, what: str):
@@ -121,7 +129,7 @@ def from_rank0(world: World, fn, what: str):
     import torch.distributed as dist
 
     box = [fn() if world.rank == 0 else None]
-    with guarded(world, f"{what} (from rank 0)"):
+    with guarded(world, what if world.rank == 0 else f"{what} (from rank 0)"):
         dist.broadcast_object_list(box, src=0, device=world.comm_device)
     return box[0]
 
@@ -185,7 +193,9 @@ class OrderedHessian:
             x = self.local[w // self.world.size] if src == self.world.rank else \
                 torch.empty(template.shape, dtype=template.dtype, device=dev)
             x = x.to(dev).contiguous()
-            with self.timer.stage(COMM), guarded(self.world, f"receiving calibration window {w} from rank {src}"):
+            what = f"broadcasting calibration window {w}" if src == self.world.rank else \
+                f"receiving calibration window {w} from rank {src}"
+            with self.timer.stage(COMM), guarded(self.world, what):
                 dist.broadcast(x, src=src)
             if self.need:
                 with self.timer.stage("hessian"):
@@ -214,7 +224,8 @@ def _share(world: World, owners: dict[str, int], results: dict[str, tuple]) -> d
             rec, loss, deq = results[name]
             dev = deq.device
             box = [(rec, loss, deq.cpu())]
-        with guarded(world, f"receiving the quantized '{name}' from rank {src}"):
+        what = f"sending the quantized '{name}'" if src == world.rank else f"receiving the quantized '{name}' from rank {src}"
+        with guarded(world, what):
             dist.broadcast_object_list(box, src=src, device=world.comm_device)
         rec, loss, deq = box[0]
         out[name] = (rec, loss, deq if dev is None else deq.to(dev))

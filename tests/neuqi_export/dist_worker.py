@@ -1,7 +1,9 @@
 """A rank of the distributed tests: `python dist_worker.py JOBS.json` under the torchrun environment (the launcher's
 worker_env) joins the gloo group and runs quantize_model for every job in the file, in order:
 {"model": dir, "out": dir, "calib": file, "opts": {QuantizeOptions fields}, "die_at": [rank, block, "kill"|"hang"]}.
-`die_at` makes that rank kill itself (SIGKILL) or hang at the start of that block (the fault tests)."""
+`die_at` makes that rank kill itself (SIGKILL) or hang at the start of that block (the fault tests). Each job's
+report line holds the sha256 of every H this rank collected (None where it owned none of the subset), in order."""
+import hashlib
 import json
 import os
 import signal
@@ -19,7 +21,17 @@ def main(path: str) -> int:
     torch.set_num_threads(1)
     jobs = json.loads(open(path).read())
     world, device = distributed.init("cpu", float(os.environ.get("NEUQI_TEST_TIMEOUT", "60")))
+    hashes = []
+    damped = distributed.OrderedHessian.damped
+
+    def recorded(self, percdamp=0.01):
+        H = damped(self, percdamp)
+        hashes.append(None if H is None else hashlib.sha256(H.numpy().tobytes()).hexdigest())
+        return H
+
+    distributed.OrderedHessian.damped = recorded
     for job in jobs:
+        hashes.clear()
         die = job.get("die_at")
         real = pipeline._quantize_block
         if die and die[0] == world.rank:
@@ -40,7 +52,7 @@ def main(path: str) -> int:
         finally:
             pipeline._quantize_block = real
         print(json.dumps({"rank": world.rank, "layers": s.layers, "resumed": s.resumed_blocks,
-                          "hessian_loss": s.hessian_loss}))
+                          "hessian_loss": s.hessian_loss, "H": hashes}))
     return 0
 
 

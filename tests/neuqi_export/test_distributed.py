@@ -1,5 +1,6 @@
 """Quantizing across processes (torch.distributed, gloo): 2 processes give the master one process gives, to the
 sha256 of every tensor; the CLI's --nproc; a rank that dies or hangs stops the run, and the rerun resumes."""
+import hashlib
 import json
 import os
 import subprocess
@@ -14,6 +15,7 @@ from neuqi_export.cli.launch import _free_port, without_nproc, worker_env
 from neuqi_export.master_store import tensor_digests
 from neuqi_export.pipeline import QuantizeOptions, quantize_model
 from neuqi_export.data import read_text
+from neuqi_export.hessian import HessianAccumulator
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,9 +38,9 @@ def _ranks(jobs: list, tmp: Path, n: int = 2, timeout_env: str = "60", wait: flo
                               text=True, env=_env(dict(worker_env(r, n, port), NEUQI_TEST_TIMEOUT=timeout_env)))
              for r in range(n)]
     out = []
-    for p in procs:
+    for p in procs:  # rank 0 first; once it failed, the others get a few seconds (a hung one is then killed)
         try:
-            so, se = p.communicate(timeout=wait)
+            so, se = p.communicate(timeout=wait if not out or out[0][0] == 0 else 5)
         except subprocess.TimeoutExpired:
             p.kill()
             so, se = p.communicate()
@@ -46,14 +48,36 @@ def _ranks(jobs: list, tmp: Path, n: int = 2, timeout_env: str = "60", wait: flo
     return out
 
 
-def _reference(model_dir, out, opts, calib):
-    quantize_model(model_dir, out, QuantizeOptions(**opts), calib_text=read_text(calib), progress=False)
-    return tensor_digests(out)
+_REFS: dict = {}
+
+
+def _reference(model_dir, out, opts, calib, with_h: bool = False):
+    """sha256 of every tensor of the master one process writes (made once per model and options); with_h: also the
+    sha256 of every damped H it collected, in order."""
+    key = (str(model_dir), json.dumps(opts, sort_keys=True), calib)
+    if key not in _REFS:
+        hashes, damped = [], HessianAccumulator.damped
+
+        def recorded(self, percdamp=0.01):
+            H = damped(self, percdamp)
+            hashes.append(hashlib.sha256(H.numpy().tobytes()).hexdigest())
+            return H
+
+        HessianAccumulator.damped = recorded
+        try:
+            quantize_model(model_dir, out, QuantizeOptions(**opts), calib_text=read_text(calib), progress=False)
+        finally:
+            HessianAccumulator.damped = damped
+        _REFS[key] = tensor_digests(out), hashes
+    return _REFS[key] if with_h else _REFS[key][0]
 
 
 @pytest.fixture(scope="module")
-def calib_file(real_assets):
-    return str(real_assets.calib_text)
+def calib_file(real_assets, tmp_path_factory):
+    """The calibration text's first 30 kB: tokenizing all 5 MB would be most of each tiny run."""
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text(read_text(real_assets.calib_text)[:30000])
+    return str(path)
 
 
 def test_two_processes_write_the_master_one_process_writes(tiny_llama_dir, tiny_qwen2_dir, tmp_path, calib_file):
@@ -62,14 +86,21 @@ def test_two_processes_write_the_master_one_process_writes(tiny_llama_dir, tiny_
             for i, (d, g) in enumerate(cases)]
     res = _ranks(jobs, tmp_path)
     assert [r[0] for r in res] == [0, 0], [r[2][-2000:] for r in res]
+    reports = [[json.loads(line) for line in r[1].splitlines() if line.startswith("{")] for r in res]
     for i, (d, g) in enumerate(cases):
-        ref = _reference(d, tmp_path / f"one{i}", dict(BASE, gptq=g), calib_file)
+        ref, ref_h = _reference(d, tmp_path / f"one{i}", dict(BASE, gptq=g), calib_file, with_h=True)
         got = tensor_digests(tmp_path / f"dist{i}")
         assert got == ref, (d.name, g, sorted(k for k in ref if got.get(k) != ref[k])[:5])
         assert not (tmp_path / f"dist{i}.partial").exists()
-    # every rank reports the same losses (it set the same quantized weights)
-    reports = [[json.loads(line) for line in r[1].splitlines() if line.startswith("{")] for r in res]
-    assert [x["hessian_loss"] for x in reports[0]] == [x["hessian_loss"] for x in reports[1]]
+        # every H an owner collected is the single process's, bit for bit (the master alone would not show an H
+        # that differs in its last bits: a tiny model's codes come out the same), and each subset had an owner
+        h0, h1 = reports[0][i]["H"], reports[1][i]["H"]
+        assert len(h0) == len(h1) == len(ref_h) == 8
+        for k, want in enumerate(ref_h):
+            assert {h0[k], h1[k]} - {None} == {want}, (d.name, g, k)
+        assert None in h0 + h1  # some rank owned none of some subset: the work was split
+        # every rank reports the same losses (it set the same quantized weights)
+        assert reports[0][i]["hessian_loss"] == reports[1][i]["hessian_loss"]
 
 
 def test_cli_nproc_2_matches_one_process(tiny_llama_dir, tmp_path, calib_file):
@@ -93,8 +124,9 @@ def test_a_rank_that_dies_or_hangs_stops_the_run_and_the_rerun_resumes(tiny_llam
     rc0, _, err0, secs = res[0]
     assert rc0 == 2, err0[-2000:]
     lines = [ln for ln in err0.splitlines() if ln.startswith("neuqi-export: error:")]
-    assert len(lines) == 1 and "rank 0 of 2" in lines[0] and "from rank 1" in lines[0], err0[-2000:]
-    assert secs < 60
+    cause = "rank 1 died" if how == "kill" else "rank 1 hung (it never reached this step"
+    assert len(lines) == 1 and lines[0].startswith(f"neuqi-export: error: rank 0 of 2: {cause}"), err0[-2000:]
+    assert secs < 60  # the hang: the 5 s timeout, not the worker's 3600 s sleep
     partial = tmp_path / "m.partial"
     assert any(partial.glob("*-00001-of-*.safetensors.json")), sorted(p.name for p in partial.iterdir())
     assert not (tmp_path / "m").exists()
