@@ -239,8 +239,6 @@ def check_supported(world: World, family, opts) -> None:
     if family.experts is not None:
         raise UserError("quantizing a mixture-of-experts model across processes is not supported yet; run it in "
                         "one process (drop --nproc / torchrun)")
-    if opts.lm_head_bits is not None:
-        raise UserError("--lm-head-bits is not supported across processes yet; run in one process or drop it")
     if opts.calibrate and opts.nsamples < world.size:
         raise UserError(f"--nsamples {opts.nsamples} is below the {world.size} processes; every process needs a "
                         f"calibration window: pass --nsamples >= {world.size} or fewer processes")

@@ -247,9 +247,12 @@ def _quantize_head(model, family, hidden: list, opts: QuantizeOptions, device, p
                    importance: dict | None, progress: bool, timer: StageTimer) -> tuple[QuantizedLinear, dict]:
     """Quantize the output head (`lm_head`; for tied embeddings the shared matrix) at opts.lm_head_bits with the
     body's group size, init and GPTQ, its H from the final norm's outputs on the last block's outputs `hidden`.
-    Resumable: the record is kept in `partial` until the master is written."""
-    head_opts = replace(opts, bits=opts.lm_head_bits)
-    if block_done(partial, HEAD_FILE):
+    Resumable: the record is kept in `partial` until the master is written. Across processes each rank adds its
+    windows to the one H rank 0 collects (in window order), and the head is rank 0's: the others get (None, None)."""
+    head_opts, world = replace(opts, bits=opts.lm_head_bits), _dist.current()
+    if _dist.from_rank0(world, lambda: block_done(partial, HEAD_FILE), "head resume check"):
+        if world.rank:
+            return None, None
         recs, ls, _ = _load_block(partial, HEAD_FILE)
         return recs[HEAD], ls[HEAD]
     head = model.get_output_embeddings()
@@ -259,7 +262,8 @@ def _quantize_head(model, family, hidden: list, opts: QuantizeOptions, device, p
     H = None
     if opts.calibrate:
         norm = _submodule(model, family.final_norm).to(device)
-        acc = HessianAccumulator(W.shape[1], device=device)
+        acc = HessianAccumulator(W.shape[1], device=device) if not world.active else \
+            _dist.OrderedHessian(world, W.shape[1], opts.nsamples, world.rank == 0, device, timer)
         for x in tqdm(hidden, desc="lm_head", unit="window", disable=not progress, leave=False):
             with timer.stage("calibration forward"):
                 y = norm(x.to(device))
@@ -267,6 +271,8 @@ def _quantize_head(model, family, hidden: list, opts: QuantizeOptions, device, p
                 acc.add(y)
         norm.to("cpu")
         H = acc.damped(opts.percdamp)
+    if world.rank:
+        return None, None
     imp = None if importance is None else importance.get(HEAD)
     rec, loss, _ = quantize_linear(W.to(device), H, head_opts, HEAD, imp, timer=timer)
     with timer.stage("write"):
@@ -383,7 +389,8 @@ def quantize_model(model_dir, out, opts: QuantizeOptions, calib_text: str | None
         source.materialize(family.head)
         rec, loss = _quantize_head(model, family, inputs, opts, device, partial, importance,
                                    progress=not bar.disable, timer=timer)
-        head[HEAD], losses[HEAD] = rec, loss
+        if rec is not None:  # across processes: rank 0's
+            head[HEAD], losses[HEAD] = rec, loss
 
     summary = lambda: QuantizeSummary(  # noqa: E731
         seconds=timer.total(), layers=len(losses),

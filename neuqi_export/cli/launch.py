@@ -76,8 +76,8 @@ def _stop(procs: list) -> None:
             p.wait()
 
 
-def launch(argv: list[str], nproc: int, output: str | None) -> int:
-    """Run `python -m neuqi_export <argv without --nproc>` as ranks 0..nproc-1 and return the exit code: 0 when all
+def launch(argv: list[str], nproc: int, output: str | None, module: str = "neuqi_export") -> int:
+    """Run `python -m <module> <argv without --nproc>` as ranks 0..nproc-1 and return the exit code: 0 when all
     succeed; else the first failure stops the others and is reported (rank 0 writes to this terminal, the others to
     log files whose last error line is repeated here)."""
     if nproc < 1:
@@ -93,7 +93,7 @@ def launch(argv: list[str], nproc: int, output: str | None) -> int:
                 log = Path(tmp) / f"rank{r}.log"
                 logs.append(log)
                 sink = None if r == 0 else open(log, "wb")  # noqa: SIM115 - closed with the process
-                procs.append(subprocess.Popen([sys.executable, "-m", "neuqi_export", *args], env=worker_env(r, nproc, port),
+                procs.append(subprocess.Popen([sys.executable, "-m", module, *args], env=worker_env(r, nproc, port),
                                               stdout=sink or None, stderr=sink or None))
                 if sink:
                     sink.close()

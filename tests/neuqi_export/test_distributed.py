@@ -81,38 +81,43 @@ def calib_file(real_assets, tmp_path_factory):
 
 
 def test_two_processes_write_the_master_one_process_writes(tiny_llama_dir, tiny_qwen2_dir, tmp_path, calib_file):
-    cases = [(d, gptq) for d in (tiny_llama_dir, tiny_qwen2_dir) for gptq in (False, True)]
-    jobs = [{"model": str(d), "out": str(tmp_path / f"dist{i}"), "calib": calib_file, "opts": dict(BASE, gptq=g)}
-            for i, (d, g) in enumerate(cases)]
+    # the qwen2 + GPTQ case quantizes its (untied) head too: its H is collected from both ranks' windows
+    cases = [(d, dict(gptq=g, lm_head_bits=4 if g and d == tiny_qwen2_dir else None))
+             for d in (tiny_llama_dir, tiny_qwen2_dir) for g in (False, True)]
+    jobs = [{"model": str(d), "out": str(tmp_path / f"dist{i}"), "calib": calib_file, "opts": dict(BASE, **o)}
+            for i, (d, o) in enumerate(cases)]
     res = _ranks(jobs, tmp_path)
     assert [r[0] for r in res] == [0, 0], [r[2][-2000:] for r in res]
     reports = [[json.loads(line) for line in r[1].splitlines() if line.startswith("{")] for r in res]
     for i, (d, g) in enumerate(cases):
-        ref, ref_h = _reference(d, tmp_path / f"one{i}", dict(BASE, gptq=g), calib_file, with_h=True)
+        ref, ref_h = _reference(d, tmp_path / f"one{i}", dict(BASE, **g), calib_file, with_h=True)
         got = tensor_digests(tmp_path / f"dist{i}")
         assert got == ref, (d.name, g, sorted(k for k in ref if got.get(k) != ref[k])[:5])
         assert not (tmp_path / f"dist{i}.partial").exists()
         # every H an owner collected is the single process's, bit for bit (the master alone would not show an H
         # that differs in its last bits: a tiny model's codes come out the same), and each subset had an owner
         h0, h1 = reports[0][i]["H"], reports[1][i]["H"]
-        assert len(h0) == len(h1) == len(ref_h) == 8
+        assert len(h0) == len(h1) == len(ref_h) == 8 + bool(g["lm_head_bits"])
         for k, want in enumerate(ref_h):
             assert {h0[k], h1[k]} - {None} == {want}, (d.name, g, k)
         assert None in h0 + h1  # some rank owned none of some subset: the work was split
-        # every rank reports the same losses (it set the same quantized weights)
-        assert reports[0][i]["hessian_loss"] == reports[1][i]["hessian_loss"]
+        # every rank reports the same losses (it set the same quantized weights; the head is rank 0's alone)
+        assert (reports[0][i]["hessian_loss"] == reports[1][i]["hessian_loss"]) != bool(g["lm_head_bits"])
 
 
-def test_cli_nproc_2_matches_one_process(tiny_llama_dir, tmp_path, calib_file):
-    opts = dict(BASE, gptq=True)
-    ref = _reference(tiny_llama_dir, tmp_path / "one", opts, calib_file)
-    cmd = [sys.executable, "-m", "neuqi_export", "quantize", str(tiny_llama_dir), "-o", str(tmp_path / "two"),
-           "--nproc", "2", "--bits", "3", "--group-size", "32", "--gptq", "--nsamples", "5", "--seqlen", "48",
-           "--calib", calib_file, "--device", "cpu", "--quiet"]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=_env(dict(os.environ)), timeout=240)
-    assert p.returncode == 0, p.stderr[-2000:]
-    assert "wrote" in p.stdout and "(2 processes)" in p.stdout
-    assert tensor_digests(tmp_path / "two") == ref
+def test_cli_nproc_2_and_torchrun_match_one_process(tiny_llama_dir, tmp_path, calib_file):
+    ref = _reference(tiny_llama_dir, tmp_path / "one", dict(BASE, gptq=True), calib_file)
+    args = ["quantize", str(tiny_llama_dir), "--bits", "3", "--group-size", "32", "--gptq", "--nsamples", "5",
+            "--seqlen", "48", "--calib", calib_file, "--device", "cpu", "--quiet"]
+    for how, out, cmd in (
+            ("--nproc", tmp_path / "a", ["-m", "neuqi_export", *args, "-o", str(tmp_path / "a"), "--nproc", "2"]),
+            ("torchrun", tmp_path / "b", ["-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "neuqi_export",
+                                          *args, "-o", str(tmp_path / "b")])):
+        p = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, env=_env(dict(os.environ)),
+                           timeout=240)
+        assert p.returncode == 0, (how, p.stderr[-2000:])
+        assert p.stdout.count("wrote") == 1 and "(2 processes)" in p.stdout, (how, p.stdout)
+        assert tensor_digests(out) == ref, how
 
 
 @pytest.mark.parametrize("how", ["kill", "hang"])
@@ -134,6 +139,18 @@ def test_a_rank_that_dies_or_hangs_stops_the_run_and_the_rerun_resumes(tiny_llam
                        progress=False)
     assert s.resumed_blocks == 1
     assert tensor_digests(tmp_path / "m") == _reference(tiny_llama_dir, tmp_path / "ref", opts, calib_file)
+
+
+def test_the_launcher_stops_the_others_when_a_rank_dies_in_one_line(monkeypatch, capsys):
+    from neuqi_export.cli.launch import launch
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(WORKER.parent), os.environ.get("PYTHONPATH", "")]))
+    t0 = time.monotonic()
+    assert launch(["quantize", "--nproc", "3"], 3, "/x/m", module="dist_die") == 1
+    assert time.monotonic() - t0 < 20  # not the others' 60 s
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["neuqi-export: error: rank 1 of 3 was killed by SIGKILL; stopped the other 2; finished blocks "
+                   "stay in /x/m.partial: rerun the same command to resume"]
 
 
 def test_owner_plan_balances_each_subset_by_out_times_in():
