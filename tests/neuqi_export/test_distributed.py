@@ -135,10 +135,17 @@ def test_a_rank_that_dies_or_hangs_stops_the_run_and_the_rerun_resumes(tiny_llam
     partial = tmp_path / "m.partial"
     assert any(partial.glob("*-00001-of-*.safetensors.json")), sorted(p.name for p in partial.iterdir())
     assert not (tmp_path / "m").exists()
-    s = quantize_model(tiny_llama_dir, tmp_path / "m", QuantizeOptions(**opts), calib_text=read_text(calib_file),
-                       progress=False)
-    assert s.resumed_blocks == 1
+    if how == "kill":  # resumed by 2 processes (rank 0 reads block 0 and sends it to rank 1)
+        del job["die_at"]
+        res = _ranks([job], tmp_path)
+        assert [r[0] for r in res] == [0, 0], [r[2][-2000:] for r in res]
+        assert [json.loads(r[1].splitlines()[-1])["resumed"] for r in res] == [1, 1]
+    else:  # by one
+        s = quantize_model(tiny_llama_dir, tmp_path / "m", QuantizeOptions(**opts), calib_text=read_text(calib_file),
+                           progress=False)
+        assert s.resumed_blocks == 1
     assert tensor_digests(tmp_path / "m") == _reference(tiny_llama_dir, tmp_path / "ref", opts, calib_file)
+    assert not partial.exists()
 
 
 def test_the_launcher_stops_the_others_when_a_rank_dies_in_one_line(monkeypatch, capsys):
@@ -176,3 +183,20 @@ def test_too_few_windows_for_the_processes_is_one_line():
     with pytest.raises(UserError, match="--nsamples 1 is below the 2 processes"):
         distributed.check_supported(distributed.World(0, 2), type("F", (), {"experts": None})(),
                                     QuantizeOptions(nsamples=1))
+
+
+def test_under_torchrun_other_commands_and_a_nested_nproc_are_one_line(monkeypatch, capsys, tmp_path):
+    from neuqi_export.cli.main import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(["export", str(tmp_path / "m"), "--to", "gguf", "-o", str(tmp_path / "g")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "neuqi-export: error: `export` does not run across processes yet (WORLD_SIZE=2); run it in one process "
+        "(quantize with torchrun, then export)")
+    assert main(["quantize", str(tmp_path / "m"), "-o", str(tmp_path / "q"), "--nproc", "2"]) == 2
+    assert "--nproc inside a torchrun" in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "2")
+    assert main(["quantize", str(tmp_path / "m"), "-o", str(tmp_path / "q")]) == 2
+    assert "RANK=2 is not in [0, WORLD_SIZE=2)" in capsys.readouterr().err
+    assert not (tmp_path / "g").exists() and not (tmp_path / "q").exists()
