@@ -4,6 +4,8 @@ Block k is calibrated on the outputs of blocks < k already quantized; inside a b
 subsets [q,k,v] -> [o] -> [gate,up] -> [down] are taken in order, each Hessian collected with the
 earlier subsets quantized (NEUQI.md). Only the block being quantized sits on the compute device.
 Finished blocks are saved under `<out>.partial/`, so an interrupted run resumes where it stopped.
+Under torch.distributed (distributed.py) each rank calibrates its share of the windows and quantizes the linears
+it owns; the hooks here give the same master as one process.
 """
 from __future__ import annotations
 

@@ -44,7 +44,7 @@ def main(path: str) -> int:
             pipeline._quantize_block = block
         try:
             s = pipeline.quantize_model(job["model"], job["out"], pipeline.QuantizeOptions(**job["opts"]),
-                                        calib_text=read_text(job["calib"]), device=device, progress=False,
+                                        calib_text=read_text(job["calib"]) if job["opts"].get("calibrate", True) else None, device=device, progress=False,
                                         replay_budget=job.get("replay"))
         except UserError as exc:
             print(f"neuqi-export: error: {exc}", file=sys.stderr)

@@ -56,6 +56,7 @@ def _reference(model_dir, out, opts, calib, with_h: bool = False):
     sha256 of every damped H it collected, in order."""
     key = (str(model_dir), json.dumps(opts, sort_keys=True), calib)
     if key not in _REFS:
+        text = read_text(calib) if opts.get("calibrate", True) else None
         hashes, damped = [], HessianAccumulator.damped
 
         def recorded(self, percdamp=0.01):
@@ -65,7 +66,7 @@ def _reference(model_dir, out, opts, calib, with_h: bool = False):
 
         HessianAccumulator.damped = recorded
         try:
-            quantize_model(model_dir, out, QuantizeOptions(**opts), calib_text=read_text(calib), progress=False)
+            quantize_model(model_dir, out, QuantizeOptions(**opts), calib_text=text, progress=False)
         finally:
             HessianAccumulator.damped = damped
         _REFS[key] = tensor_digests(out), hashes
@@ -84,6 +85,7 @@ def test_two_processes_write_the_master_one_process_writes(tiny_llama_dir, tiny_
     # the qwen2 + GPTQ case quantizes its (untied) head too: its H is collected from both ranks' windows
     cases = [(d, dict(gptq=g, lm_head_bits=4 if g and d == tiny_qwen2_dir else None))
              for d in (tiny_llama_dir, tiny_qwen2_dir) for g in (False, True)]
+    cases.append((tiny_llama_dir, dict(gptq=False, lm_head_bits=None, calibrate=False)))  # data-free: no H at all
     jobs = [{"model": str(d), "out": str(tmp_path / f"dist{i}"), "calib": calib_file, "opts": dict(BASE, **o)}
             for i, (d, o) in enumerate(cases)]
     res = _ranks(jobs, tmp_path)
@@ -97,10 +99,10 @@ def test_two_processes_write_the_master_one_process_writes(tiny_llama_dir, tiny_
         # every H an owner collected is the single process's, bit for bit (the master alone would not show an H
         # that differs in its last bits: a tiny model's codes come out the same), and each subset had an owner
         h0, h1 = reports[0][i]["H"], reports[1][i]["H"]
-        assert len(h0) == len(h1) == len(ref_h) == 8 + bool(g["lm_head_bits"])
+        assert len(h0) == len(h1) == len(ref_h) == (8 + bool(g["lm_head_bits"])) * g.get("calibrate", True)
         for k, want in enumerate(ref_h):
             assert {h0[k], h1[k]} - {None} == {want}, (d.name, g, k)
-        assert None in h0 + h1  # some rank owned none of some subset: the work was split
+        assert None in h0 + h1 or not g.get("calibrate", True)  # some rank owned none of a subset: work was split
         # every rank reports the same losses (it set the same quantized weights; the head is rank 0's alone)
         assert (reports[0][i]["hessian_loss"] == reports[1][i]["hessian_loss"]) != bool(g["lm_head_bits"])
 
