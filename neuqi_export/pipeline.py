@@ -4,6 +4,8 @@ Block k is calibrated on the outputs of blocks < k already quantized; inside a b
 subsets [q,k,v] -> [o] -> [gate,up] -> [down] are taken in order, each Hessian collected with the
 earlier subsets quantized (NEUQI.md). Only the block being quantized sits on the compute device.
 Finished blocks are saved under `<out>.partial/`, so an interrupted run resumes where it stopped.
+Under torch.distributed (distributed.py) each rank calibrates its share of the windows and quantizes the linears
+it owns; the hooks here give the same master as one process.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from .calibration import block_outputs as _block_outputs
 from .calibration import capture_block_inputs
 from .calibration import submodule as _submodule
 from .calibration import to_device as _to
+from . import distributed as _dist
 from . import experts as _experts
 from .atomic import atomic_directory
 from .errors import UserError
@@ -177,13 +180,18 @@ def _quantize_block(block, k: int, prefix: str, family, inputs: list, kwargs: di
     subsets quantized; `replay` (if given) returns what earlier passes already computed (replay.py)."""
     timer = timer or StageTimer()
     records, losses = {}, {}
+    world = _dist.current()
+    plan = _dist.OwnerPlan(world)
     layers = tqdm(total=len(family.linear_names), desc=f"block {k} linears", unit="linear", leave=False,
                   disable=bar.disable)
     for done, subset in enumerate(family.subsets):
         first = _submodule(block, subset[0])
+        owners = plan.assign({n: _submodule(block, n).weight.numel() for n in subset})  # alone: all rank 0's
+        mine = [n for n in subset if owners[n] == world.rank]
         H = None
         if opts.calibrate:
-            acc = HessianAccumulator(first.in_features, device=device)
+            acc = HessianAccumulator(first.in_features, device=device) if not world.active else \
+                _dist.OrderedHessian(world, first.in_features, opts.nsamples, bool(mine), device, timer)
 
             def hook(module, args):
                 with timer.stage("hessian"):
@@ -207,19 +215,23 @@ def _quantize_block(block, k: int, prefix: str, family, inputs: list, kwargs: di
                 if replay is not None:
                     replay.end_pass()
             H = acc.damped(opts.percdamp)
-        factor = None
+        factor, results = None, {}
         if opts.gptq and H is not None:  # one inverse Cholesky per subset: its linears share H
             with timer.stage("gptq"):
                 factor = GPTQFactor.of(H, opts.act_order, device)
-        for name in subset:
-            lin = _submodule(block, name)
-            full = f"{prefix}.{k}.{name}"
+        for name in mine:
+            lin, full = _submodule(block, name), f"{prefix}.{k}.{name}"
             W = lin.weight.data.to(torch.float32)
             if not torch.isfinite(W).all():
                 raise UserError(f"weight '{full}.weight' contains NaN/Inf; repair the model before quantizing")
             rec, loss, deq = quantize_linear(W, H, opts, full, None if importance is None else importance.get(full),
                                              timer=timer, factor=factor)
             lin.weight.data = deq.to(device, lin.weight.dtype)
+            results[name] = (rec, loss, lin.weight.data)
+        results = _dist.share_results(world, owners, results, timer)  # alone: as it is
+        for name in subset:
+            lin, full, (rec, loss, deq) = _submodule(block, name), f"{prefix}.{k}.{name}", results[name]
+            lin.weight.data = deq.to(device, lin.weight.dtype)  # an owner's own: the same tensor
             records[full], losses[full] = rec, loss
             layers.set_postfix_str(f"{name} loss {loss['hessian']:.3g}")
             layers.update()
@@ -237,9 +249,12 @@ def _quantize_head(model, family, hidden: list, opts: QuantizeOptions, device, p
                    importance: dict | None, progress: bool, timer: StageTimer) -> tuple[QuantizedLinear, dict]:
     """Quantize the output head (`lm_head`; for tied embeddings the shared matrix) at opts.lm_head_bits with the
     body's group size, init and GPTQ, its H from the final norm's outputs on the last block's outputs `hidden`.
-    Resumable: the record is kept in `partial` until the master is written."""
-    head_opts = replace(opts, bits=opts.lm_head_bits)
-    if block_done(partial, HEAD_FILE):
+    Resumable: the record is kept in `partial` until the master is written. Across processes each rank adds its
+    windows to the one H rank 0 collects (in window order), and the head is rank 0's: the others get (None, None)."""
+    head_opts, world = replace(opts, bits=opts.lm_head_bits), _dist.current()
+    if _dist.from_rank0(world, lambda: block_done(partial, HEAD_FILE), "head resume check"):
+        if world.rank:
+            return None, None
         recs, ls, _ = _load_block(partial, HEAD_FILE)
         return recs[HEAD], ls[HEAD]
     head = model.get_output_embeddings()
@@ -249,7 +264,8 @@ def _quantize_head(model, family, hidden: list, opts: QuantizeOptions, device, p
     H = None
     if opts.calibrate:
         norm = _submodule(model, family.final_norm).to(device)
-        acc = HessianAccumulator(W.shape[1], device=device)
+        acc = HessianAccumulator(W.shape[1], device=device) if not world.active else \
+            _dist.OrderedHessian(world, W.shape[1], opts.nsamples, world.rank == 0, device, timer)
         for x in tqdm(hidden, desc="lm_head", unit="window", disable=not progress, leave=False):
             with timer.stage("calibration forward"):
                 y = norm(x.to(device))
@@ -257,6 +273,8 @@ def _quantize_head(model, family, hidden: list, opts: QuantizeOptions, device, p
                 acc.add(y)
         norm.to("cpu")
         H = acc.damped(opts.percdamp)
+    if world.rank:
+        return None, None
     imp = None if importance is None else importance.get(HEAD)
     rec, loss, _ = quantize_linear(W.to(device), H, head_opts, HEAD, imp, timer=timer)
     with timer.stage("write"):
@@ -287,6 +305,9 @@ def quantize_model(model_dir, out, opts: QuantizeOptions, calib_text: str | None
     if out.exists() and not force:
         raise UserError(f"output '{out}' already exists; choose another -o or pass --force")
     device = resolve_device(device)
+    world = _dist.current()  # torch.distributed: this rank's share of the work (distributed.py); alone: rank 0 of 1
+    _dist.check_supported(world, family, opts)
+    progress = progress and world.rank == 0
     budget = default_budget(device) if replay_budget is None else int(replay_budget)
     if opts.calibrate and calib_text is None:
         raise UserError("no calibration text given; pass --calib FILE (or --no-calib for data-free init)")
@@ -302,17 +323,19 @@ def quantize_model(model_dir, out, opts: QuantizeOptions, calib_text: str | None
         prefix = family.blocks_path
         if opts.calibrate:
             windows = calibration_windows(tokenizer, calib_text, opts.nsamples, opts.seqlen, seed=opts.seed)
+            windows = windows[world.rank :: world.size]  # rank r takes windows r, r + N, ...
         else:
             windows = torch.zeros(1, 2, dtype=torch.long)  # one tiny window: only shapes flow, no H is collected
 
     partial = partial_dir(out)
     fp = _fingerprint(model_dir, opts, calib_text)
-    discard_stale(partial, fp)
-    mark(partial, fp, asdict(opts))
+    if world.rank == 0:  # the one writer of the partial dir and the master
+        discard_stale(partial, fp)
+        mark(partial, fp, asdict(opts))
+        for stale in partial.glob(".activations-*.bin"):  # spill files of a killed run
+            stale.unlink()
+    _dist.barrier(world, "waiting for rank 0 to prepare the partial dir")
     act_budget = default_activation_budget() if activation_budget is None else int(activation_budget)
-
-    for stale in partial.glob(".activations-*.bin"):  # spill files of a killed run
-        stale.unlink()
 
     def new_store():  # the windows' hidden states: RAM up to the budget, then a spill file in the partial dir
         return Activations(act_budget, partial, "activations")
@@ -333,9 +356,9 @@ def quantize_model(model_dir, out, opts: QuantizeOptions, calib_text: str | None
             block = source.materialize(f"{prefix}.{k}").to(device)
         shard = shard_name(k + 1, n_shards)
         replay = None
-        if block_done(partial, shard):  # finished in an earlier run: its records, and the block's outputs recomputed
-            with timer.stage("resume"):
-                recs, ls, mods = _load_block(partial, shard)
+        if _dist.from_rank0(world, lambda: block_done(partial, shard), "resume check"):  # finished in an earlier
+            with timer.stage("resume"):  # run: its records, and the block's outputs recomputed
+                recs, ls, mods = _dist.from_rank0(world, lambda: _load_block(partial, shard), f"block {k}'s records")
                 for n, rec in recs.items():
                     _experts.set_weight(block, n[len(f"{prefix}.{k}.") :], rec.dequantize())
             resumed += 1
@@ -344,10 +367,10 @@ def quantize_model(model_dir, out, opts: QuantizeOptions, calib_text: str | None
                 replay = BlockReplay(block, family.subsets, len(inputs), budget)
             recs, ls = _quantize_block(block, k, prefix, family, inputs, block_kwargs[k], opts, device, bar,
                                        importance, timer, replay)
-            with timer.stage("write"):  # the block's master shard: never held again
-                own = source.tensors(skip=set(recs) | fused,
-                                     select=lambda n, b=f"{prefix}.{k}.": n.startswith(b) and n not in fused)
-                mods = _save_block(partial, shard, recs, own, ls)
+            with timer.stage("write"):  # the block's master shard (rank 0's to write): never held again
+                own = {} if world.rank else source.tensors(
+                    skip=set(recs) | fused, select=lambda n, b=f"{prefix}.{k}.": n.startswith(b) and n not in fused)
+                mods = {} if world.rank else _save_block(partial, shard, recs, own, ls)
         modules.update(mods)
         losses.update(ls)
         if k + 1 < len(blocks) or opts.lm_head_bits is not None:
@@ -368,8 +391,20 @@ def quantize_model(model_dir, out, opts: QuantizeOptions, calib_text: str | None
         source.materialize(family.head)
         rec, loss = _quantize_head(model, family, inputs, opts, device, partial, importance,
                                    progress=not bar.disable, timer=timer)
-        head[HEAD], losses[HEAD] = rec, loss
+        if rec is not None:  # across processes: rank 0's
+            head[HEAD], losses[HEAD] = rec, loss
 
+    summary = lambda: QuantizeSummary(  # noqa: E731
+        seconds=timer.total(), layers=len(losses),
+        diag_loss=sum(v["diag"] for v in losses.values()), hessian_loss=sum(v["hessian"] for v in losses.values()),
+        resumed_blocks=resumed, per_layer=losses, timing=timer.report(),
+    )
+    if world.active:  # the other ranks' spill files closed before rank 0 removes the partial dir
+        if isinstance(inputs, Activations) and world.rank:
+            inputs.close()
+        _dist.barrier(world, "waiting for every rank to finish its blocks")
+        if world.rank:
+            return summary()
     in_blocks = tuple(f"{prefix}.{k}." for k in range(len(blocks)))
     with timer.stage("load"):
         rest = source.tensors(skip=set(modules) | set(head) | fused,
@@ -395,8 +430,4 @@ def quantize_model(model_dir, out, opts: QuantizeOptions, calib_text: str | None
     if isinstance(inputs, Activations):
         inputs.close()
     shutil.rmtree(partial, ignore_errors=True)
-    return QuantizeSummary(
-        seconds=timer.total(), layers=len(losses),
-        diag_loss=sum(v["diag"] for v in losses.values()), hessian_loss=sum(v["hessian"] for v in losses.values()),
-        resumed_blocks=resumed, per_layer=losses, timing=timer.report(),
-    )
+    return summary()

@@ -88,8 +88,9 @@ def _warn_thin_calibration(opts, model: str) -> None:
 
 
 def cmd_quantize(args) -> int:
+    from .. import distributed
     from ..data import read_text
-    from ..pipeline import quantize_model
+    from ..pipeline import quantize_model, resolve_device
 
     opts = _options(args)
     model = _model_path(args.model_dir, args.revision)
@@ -97,11 +98,13 @@ def cmd_quantize(args) -> int:
         opts.gguf_types = lattice_types(model, args.for_gguf, preset=None)
     _warn_thin_calibration(opts, model)
     text = None if not opts.calibrate else read_text(_text_path(args.calib, "calib"))
-    summary = quantize_model(model, args.output, opts, calib_text=text, device=args.device, force=args.force,
+    world, device = distributed.init(resolve_device(args.device), getattr(args, "dist_timeout", None))
+    summary = quantize_model(model, args.output, opts, calib_text=text, device=device, force=args.force,
                              progress=not args.quiet, replay_budget=_replay_budget(args),
                              importance=_importance(opts, model), activation_budget=_activation_budget(args))
-    print(summary)
-    print(f"wrote {args.output}")
+    if world.rank == 0:
+        print(summary)
+        print(f"wrote {args.output}" + (f" ({world.size} processes)" if world.active else ""))
     return 0
 
 

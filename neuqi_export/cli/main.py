@@ -6,6 +6,7 @@ import errno
 import sys
 
 from ..atomic import output_lock
+from ..distributed import env_world
 from ..errors import UserError
 from .commands import COMMANDS
 from .parser import build_parser
@@ -29,10 +30,19 @@ def _disk_full(exc: BaseException) -> bool:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
         out = getattr(args, "output", None)
-        if out is None:
+        if getattr(args, "nproc", 1) != 1:  # the processes take the lock (rank 0)
+            from .launch import launch
+
+            return launch(argv, args.nproc, out)
+        rank, size, _ = env_world()
+        if size > 1 and args.command != "quantize":
+            raise UserError(f"`{args.command}` does not run across processes yet (WORLD_SIZE={size}); run it in one "
+                            "process (quantize with torchrun, then export)")
+        if out is None or rank > 0:  # under torchrun only rank 0 writes, so only it locks the output
             return COMMANDS[args.command](args)
         with output_lock(out):  # two runs on one output: the second stops in one line
             return COMMANDS[args.command](args)

@@ -20,6 +20,13 @@ def _add_quantize(sub) -> None:
                         "(Q3_K_M, Q4_K_M, Q5_K_M, Q6_K, ...); the master then exports to GGUF only (export --to gguf --type TYPE)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="quantize with N processes on this machine (torch.distributed: gloo on CPU, nccl on CUDA, one "
+                        "GPU each); the same master as one process (docs/DISTRIBUTED.md). Across machines launch "
+                        "with torchrun -m neuqi_export quantize ... instead (default 1)")
+    p.add_argument("--dist-timeout", type=float, default=600.0, metavar="S",
+                   help="with several processes: seconds a process waits for the others before the run stops "
+                        "(default 600)")
 
 
 def _add_eval(sub) -> None:
