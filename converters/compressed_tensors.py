@@ -51,10 +51,11 @@ import math
 import numpy as np
 import torch
 
-from converters import float_storage
+from converters import float_storage, shards
 from converters.float_storage import FLOAT_STORAGE, half_dtype, store
 from converters.registry import (ExportReport, Exporter, TensorReport, choose, prepare_output, register,
                                  write_safetensors_dir)
+from converters.shards import DEFAULT_MAX_SHARD_SIZE
 from neuqi_export.archs import family_for
 from neuqi_export.errors import UserError
 from neuqi_export.experts import fuse_state_dict, is_expert
@@ -215,7 +216,8 @@ def _ct_version() -> str:
 
 
 def export_compressed_tensors(master, out, scale_dtype: str = "fp32", refit: str = "diag",
-                              overwrite: bool = False, float_storage: str = "half") -> ExportReport:
+                              overwrite: bool = False, float_storage: str = "half",
+                              max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE) -> ExportReport:
     """Write `master` as a pack-quantized directory (module doc). `float_storage` (converters.float_storage):
     the float tensors (embedding, float head, norms, dense linears) in the model's dtype (half, default; exact
     for a bf16 checkpoint's own weights), half only where lossless (exact), or fp32; weight_scale follows
@@ -311,7 +313,8 @@ def export_compressed_tensors(master, out, scale_dtype: str = "fp32", refit: str
             "version": _ct_version()}
     config = {**{k: v for k, v in master.config.items() if k != "quantization_config"}, "quantization_config": qcfg}
 
-    nbytes = write_safetensors_dir(out, tensors, config, master.tokenizer_dir, metadata={"format": "pt", "neuqi_export": "compressed-tensors-1"})
+    nbytes = write_safetensors_dir(out, tensors, config, master.tokenizer_dir, metadata={"format": "pt", "neuqi_export": "compressed-tensors-1"},
+                                  max_shard_size=max_shard_size)
     return ExportReport(path=out, bytes=nbytes, tensors=reports, advice=refit_warning(reports))
 
 
@@ -339,13 +342,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help="compressed-tensors: integer zero-point refit: diag = diag-H optimal (default), rtn = round Z, "
                             "none = refuse non-integer zero-points")
     float_storage.add_option(p)
+    shards.add_option(p)
 
 
 def export(master, out, args: argparse.Namespace) -> ExportReport:
     return export_compressed_tensors(master, out, scale_dtype=getattr(args, "ct_scale_dtype", None) or "fp32",
                                      refit=getattr(args, "ct_refit", None) or "diag",
                                      overwrite=bool(getattr(args, "force", False) or getattr(args, "overwrite", False)),
-                                     float_storage=float_storage.from_args(args))
+                                     float_storage=float_storage.from_args(args), max_shard_size=shards.from_args(args))
 
 
 register(Exporter(

@@ -41,10 +41,11 @@ import argparse
 import numpy as np
 import torch
 
-from converters import float_storage
+from converters import float_storage, shards
 from converters.float_storage import FLOAT_STORAGE, half_dtype, store
 from converters.registry import (ExportReport, Exporter, TensorReport, choose, prepare_output, register,
                                  write_safetensors_dir)
+from converters.shards import DEFAULT_MAX_SHARD_SIZE
 from neuqi_export.archs import family_for
 from neuqi_export.errors import UserError
 from neuqi_export.master import EMBED, HEAD
@@ -270,7 +271,7 @@ def mlx_config(master, quant: dict) -> dict:
 
 
 def export_mlx(master, out, scale_dtype: str | None = None, overwrite: bool = False,
-               float_storage: str = "half") -> ExportReport:
+               float_storage: str = "half", max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE) -> ExportReport:
     """Write `master` as an mlx-lm directory (module doc). `float_storage` (converters.float_storage): half
     (default) stores the float weights and the scales/biases in the model's half dtype, as mlx-lm writes its
     models; exact keeps the float weights half where lossless and the scales/biases fp32; fp32 all fp32.
@@ -341,7 +342,8 @@ def export_mlx(master, out, scale_dtype: str | None = None, overwrite: bool = Fa
             quant[name] = m if m is False else {**m, "mode": "affine"}
     config = mlx_config(master, quant)
 
-    nbytes = write_safetensors_dir(out, tensors, config, master.tokenizer_dir, metadata={"format": "mlx", "neuqi_export": "mlx-1"})
+    nbytes = write_safetensors_dir(out, tensors, config, master.tokenizer_dir, metadata={"format": "mlx", "neuqi_export": "mlx-1"},
+                                  max_shard_size=max_shard_size)
     return ExportReport(path=out, bytes=nbytes, tensors=reports)
 
 
@@ -351,12 +353,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help="mlx: dtype of scales/biases (default: the model's half dtype with --float-storage half, "
                             "fp32 = exact with exact/fp32)")
     float_storage.add_option(p)
+    shards.add_option(p)
 
 
 def export(master, out, args: argparse.Namespace) -> ExportReport:
     return export_mlx(master, out, scale_dtype=getattr(args, "mlx_scale_dtype", None),
                       overwrite=bool(getattr(args, "force", False) or getattr(args, "overwrite", False)),
-                      float_storage=float_storage.from_args(args))
+                      float_storage=float_storage.from_args(args), max_shard_size=shards.from_args(args))
 
 
 register(Exporter(

@@ -92,19 +92,24 @@ def choose(value, table: dict, option: str):
     return table[value]
 
 
-def write_safetensors_dir(out, tensors: dict, config: dict, tokenizer_dir, metadata: dict) -> int:
-    """Write model.safetensors + config.json + the tokenizer files as directory `out`, all-or-nothing
-    (replacing an existing `out`; callers check --force first). Returns the directory's size in bytes."""
+def write_safetensors_dir(out, tensors: dict, config: dict, tokenizer_dir, metadata: dict,
+                          max_shard_size: str | int = "5GB") -> int:
+    """Write the tensors (as Hugging Face shards them: one model.safetensors, or shards of at most
+    `max_shard_size` with an index; converters/shards.py) + config.json + the tokenizer files as directory `out`,
+    all-or-nothing (replacing an existing `out`; callers check --force first). The tensors are dropped from
+    `tensors` as their shard is written. Returns the directory's size in bytes."""
     import json
     import shutil
 
     from neuqi_export.atomic import atomic_directory
     from neuqi_export.master import TOKENIZER_FILES
-    from neuqi_export.safetensors_io import save_file
 
+    from .shards import parse_size, write_tensors
+
+    parse_size(max_shard_size)  # a bad size is refused before anything is written
     out = Path(out)
     with atomic_directory(out, overwrite=True) as tmp:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata=metadata)
+        write_tensors(tmp, tensors, max_shard_size, metadata)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if tokenizer_dir is not None:
             for fname in TOKENIZER_FILES:
@@ -112,4 +117,3 @@ def write_safetensors_dir(out, tensors: dict, config: dict, tokenizer_dir, metad
                 if src.is_file():
                     shutil.copy2(src, tmp / fname)
     return sum(f.stat().st_size for f in out.iterdir() if f.is_file())
-

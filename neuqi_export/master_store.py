@@ -134,6 +134,9 @@ class TensorStore:
             if not isinstance(listed, dict):
                 raise UserError(f"'{self.root / INDEX_NAME}' has no weight_map of tensor -> shard file; {fix}")
         for f in weight_files(self.root) if files is None else [Path(f) for f in files]:
+            if not f.is_file():
+                raise UserError(f"master shard '{f}' is missing{' (its index lists it)' if listed is not None else ''}; "
+                                f"restore it from a copy of the checkpoint or {fix}")
             header = safetensors_header(f, fix)
             for k, v in header.items():
                 if k != "__metadata__":

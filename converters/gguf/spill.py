@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-SMALL = 1 << 20  # bytes below which a tensor stays in RAM
+SMALL = 1 << 16  # bytes below which a tensor stays in RAM (norms, biases: a few KiB each)
 
 
 class TensorSpill:

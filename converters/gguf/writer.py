@@ -1,6 +1,7 @@
 """Master checkpoint -> one GGUF file (written to a temp file beside the target, then renamed)."""
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from . import experts as _experts
 from . import metadata, vocab
 from .exact import NotRepresentable, PackedTensor, master_dequant, weighted_error
 from .packers import QK
+from .spill import TensorSpill
 from .types import FLOAT_TYPES, SINGLE_TYPES, TYPES, fallback_type, head_type
 
 _SKIP = re.compile(r"rotary_emb\.inv_freq$")
@@ -199,19 +201,15 @@ def export_gguf(master, out, qtype: str = "Q4_1", embed_type: str = "auto", outp
     n_embd = int(config["hidden_size"])
     tmap = _arch.tensor_map(fam, n_blocks)
 
-    tensors = dict(master.tensors)
-    if f"{fam.embed}.weight" not in tensors:
-        raise UserError(f"the master checkpoint lacks {fam.embed}.weight; re-run quantize")
-    embed = tensors.pop(f"{fam.embed}.weight")
-    n_vocab = int(config.get("vocab_size") or embed.shape[0])
-    if embed.shape[0] != n_vocab:
-        raise UserError(f"embedding rows {embed.shape[0]} != vocab_size {n_vocab}; the config does not match the weights")
-    head = tensors.pop(f"{fam.head}.weight", None)
+    embed_name, head_name = f"{fam.embed}.weight", f"{fam.head}.weight"
+    if embed_name not in master.tensors:
+        raise UserError(f"the master checkpoint lacks {embed_name}; re-run quantize")
     tied = _is_tied(master)
     _arch.check_head(fam, tied)
-    if head is not None and config.get("tie_word_embeddings", False):
-        head = None  # tied: llama.cpp reuses token_embd
-    shared = master.linears[HEAD] if master.head_shares_embedding else None  # token_embd = the quantized head
+    # the head is read at its turn (the last tensor); tied: llama.cpp reuses token_embd
+    head_name = head_name if head_name in master.tensors and not config.get("tie_word_embeddings", False) else None
+    shared = master.head_shares_embedding  # token_embd = the quantized head
+    head_bits = master.linears[HEAD].bits if shared else None
 
     out_t = default_output_type(n_embd, qtype) if output_type == "auto" else output_type
     if plan is not None and output_type == "auto" and "output.weight" in plan:
@@ -225,72 +223,86 @@ def export_gguf(master, out, qtype: str = "Q4_1", embed_type: str = "auto", outp
     else:
         # llama-quantize: the base type (Q4_1/Q5_1/Q8_0/Q4_0/Q5_0/IQ4_NL; Q8_0 for K types and floats)
         emb_t = qtype if TYPES[qtype].embed and not TYPES[qtype].is_float else "Q8_0"
-    if shared is not None and plan is None and embed_type == "auto" and shared.bits <= max_bits:
+    if shared and plan is None and embed_type == "auto" and head_bits <= max_bits:
         emb_t = qtype  # the head's codes fit the linears' type: the shared matrix is stored like them (exact)
 
-    entries: list[tuple[str, PackedTensor]] = []
+    # every packed tensor is parked in the spill as it is made (one tensor in RAM at a time); its name is one
+    # sweep_stale removes when a killed export leaves it, and it is removed on success and on error
+    with TensorSpill(out.parent / f".{out.name}.{os.getpid()}.spilling") as spill, atomic_file(out) as tmp:
+        entries: list[tuple[str, PackedTensor]] = []
 
-    def gname(hf: str) -> str:
-        g = tmap.get_name(hf, try_suffixes=(".weight", ".bias"))
-        if g is None:
-            raise UserError(f"tensor {hf!r} has no GGUF name for arch {arch}; the master does not match a supported architecture")
-        return g
+        def add(tname: str, pt: PackedTensor) -> None:
+            pt.data = spill.hold(pt.data)
+            entries.append((tname, pt))
 
-    if shared is not None:
-        say(f"packing {HEAD} as token_embd ({emb_t})")
-        entries.append(("token_embd.weight", _float_tensor(_np(embed), emb_t) if emb_t in ("F16", "F32")
-                         else _pack_linear(shared, emb_t, None)))
-    else:
-        entries.append(("token_embd.weight", _float_tensor(_np(embed), emb_t)))
-    stacked: dict[str, dict[int, PackedTensor]] = {}  # MoE: {stacked HF name: {expert: its packed rows}}
-    for lname in sorted(master.linears, key=_layer_key):
-        lin = master.linears[lname]
-        if lname == HEAD and shared is not None:
-            continue  # tied: llama.cpp reads the output head from token_embd
-        perm = None
-        if permute and lname.endswith(("self_attn.q_proj", "self_attn.k_proj")):
-            perm = rope_permutation(lin.shape[0], n_head if lname.endswith("q_proj") else n_kv)
-        ekey = _experts.expert_key(fam, lname)
-        tname, ltype = gname((ekey[0] if ekey else lname) + ".weight"), qtype
-        if lname == HEAD and plan is None and (output_type != "auto" or lin.bits > max_bits):
-            ltype = out_t  # an untied quantized head: the output type when asked for or when its codes need it
-        if plan is not None:
-            if tname not in plan:
-                raise UserError(f"preset {preset} has no rule for {tname}; export with a plain --type")
-            ltype, type_bits = plan[tname]
-            if not isinstance(lin, GGUFLinear) and lin.bits > type_bits and not narrow:
-                raise UserError(f"preset {preset} stores {tname} as {ltype} ({type_bits}-bit) but the master holds "
-                                f"{lin.bits}-bit codes for it; re-quantize with the preset's bit widths "
-                                f"(converters.gguf.presets.preset_bits) or at most {type_bits} bits, or pass --allow-narrower to refit them")
-        say(f"packing {lname} ({ltype})")
-        if lname + ".weight" in folded:  # the queries carry llama.cpp's attention-scale difference
-            entries.append((tname, _pack_folded(lin, ltype, perm, fold)))
-            continue
-        packed = _pack_typed(lin, ltype, perm) if isinstance(lin, GGUFLinear) else _pack_linear(lin, ltype, perm)
-        if ekey:
-            stacked.setdefault(ekey[0], {})[ekey[1]] = packed
+        def gname(hf: str) -> str:
+            g = tmap.get_name(hf, try_suffixes=(".weight", ".bias"))
+            if g is None:
+                raise UserError(f"tensor {hf!r} has no GGUF name for arch {arch}; the master does not match a supported architecture")
+            return g
+
+        embed = master.tensors[embed_name]
+        n_vocab = int(config.get("vocab_size") or embed.shape[0])
+        if embed.shape[0] != n_vocab:
+            raise UserError(f"embedding rows {embed.shape[0]} != vocab_size {n_vocab}; the config does not match the weights")
+        if shared:
+            say(f"packing {HEAD} as token_embd ({emb_t})")
+            add("token_embd.weight", _float_tensor(_np(embed), emb_t) if emb_t in ("F16", "F32")
+                else _pack_linear(master.linears[HEAD], emb_t, None))
         else:
-            entries.append((tname, packed))
-    for sname, parts in stacked.items():
-        def repack(e, t, sname=sname):  # one expert whose fallback differed: refit into the others' type
-            lin = master.linears[f"{sname.rsplit('.', 1)[0]}.{e}.{sname.rsplit('.', 1)[1]}"]
-            return refit_values(lin.dequantize().numpy(), None if lin.hdiag is None else _np(lin.hdiag), t,
-                                "as the block's other experts")
-        entries.append((gname(sname + ".weight"), _experts.stack(sname, parts, num_experts(config), repack)))
-    for k in sorted(tensors, key=_layer_key):
-        if _SKIP.search(k):
-            continue
-        v = _arch.float_tensor(fam, k, _np(tensors[k]), norms, folded, fold)
-        if permute and re.search(r"self_attn\.(q|k)_proj\.(bias|weight)$", k):  # unquantized q/k weights too
-            v = v[rope_permutation(v.shape[0], n_head if ".q_proj" in k else n_kv)]
-        if v.ndim == 2:  # an unquantized linear weight left in the master (the MoE router: F32, as llama.cpp keeps it)
-            entries.append((gname(k), _float_tensor(v, "F32" if _experts.is_f32_role(gname(k)) else "F16")))
-        else:
-            entries.append((gname(k), PackedTensor(v.astype(np.float32), "F32", True, 0.0, 0.0, "float")))
-    if head is not None:
-        entries.append(("output.weight", _float_tensor(_np(head), out_t)))
+            add("token_embd.weight", _float_tensor(_np(embed), emb_t))
+        del embed
+        stacked: dict[str, dict[int, PackedTensor]] = {}  # MoE: {stacked HF name: {expert: its packed rows}}
+        for lname in sorted(master.linears, key=_layer_key):
+            if lname == HEAD and shared:
+                continue  # tied: llama.cpp reads the output head from token_embd
+            lin = master.linears[lname]
+            perm = None
+            if permute and lname.endswith(("self_attn.q_proj", "self_attn.k_proj")):
+                perm = rope_permutation(lin.shape[0], n_head if lname.endswith("q_proj") else n_kv)
+            ekey = _experts.expert_key(fam, lname)
+            tname, ltype = gname((ekey[0] if ekey else lname) + ".weight"), qtype
+            if lname == HEAD and plan is None and (output_type != "auto" or lin.bits > max_bits):
+                ltype = out_t  # an untied quantized head: the output type when asked for or when its codes need it
+            if plan is not None:
+                if tname not in plan:
+                    raise UserError(f"preset {preset} has no rule for {tname}; export with a plain --type")
+                ltype, type_bits = plan[tname]
+                if not isinstance(lin, GGUFLinear) and lin.bits > type_bits and not narrow:
+                    raise UserError(f"preset {preset} stores {tname} as {ltype} ({type_bits}-bit) but the master holds "
+                                    f"{lin.bits}-bit codes for it; re-quantize with the preset's bit widths "
+                                    f"(converters.gguf.presets.preset_bits) or at most {type_bits} bits, or pass --allow-narrower to refit them")
+            say(f"packing {lname} ({ltype})")
+            if lname + ".weight" in folded:  # the queries carry llama.cpp's attention-scale difference
+                add(tname, _pack_folded(lin, ltype, perm, fold))
+                continue
+            packed = _pack_typed(lin, ltype, perm) if isinstance(lin, GGUFLinear) else _pack_linear(lin, ltype, perm)
+            del lin
+            if ekey:
+                packed.data = spill.hold(packed.data)
+                stacked.setdefault(ekey[0], {})[ekey[1]] = packed
+            else:
+                add(tname, packed)
+        for sname, parts in stacked.items():
+            def repack(e, t, sname=sname):  # one expert whose fallback differed: refit into the others' type
+                lin = master.linears[f"{sname.rsplit('.', 1)[0]}.{e}.{sname.rsplit('.', 1)[1]}"]
+                return refit_values(lin.dequantize().numpy(), None if lin.hdiag is None else _np(lin.hdiag), t,
+                                    "as the block's other experts")
+            add(gname(sname + ".weight"), _experts.stack(sname, parts, num_experts(config), repack))
+        del stacked
+        for k in sorted(master.tensors, key=_layer_key):
+            if k in (embed_name, f"{fam.head}.weight") or _SKIP.search(k):
+                continue
+            v = _arch.float_tensor(fam, k, _np(master.tensors[k]), norms, folded, fold)
+            if permute and re.search(r"self_attn\.(q|k)_proj\.(bias|weight)$", k):  # unquantized q/k weights too
+                v = v[rope_permutation(v.shape[0], n_head if ".q_proj" in k else n_kv)]
+            if v.ndim == 2:  # an unquantized linear weight left in the master (the MoE router: F32, as llama.cpp keeps it)
+                add(gname(k), _float_tensor(v, "F32" if _experts.is_f32_role(gname(k)) else "F16"))
+            else:
+                add(gname(k), PackedTensor(v.astype(np.float32), "F32", True, 0.0, 0.0, "float"))
+        if head_name is not None:
+            add("output.weight", _float_tensor(_np(master.tensors[head_name]), out_t))
 
-    with atomic_file(out) as tmp:
         w = gguf.GGUFWriter(str(tmp), arch)
         w.add_type("model")
         w.add_name(vocab.loadable_name(name or _model_name(master, out), master.tokenizer_dir, name is not None))
@@ -316,6 +328,7 @@ def export_gguf(master, out, qtype: str = "Q4_1", embed_type: str = "auto", outp
                 w.add_tensor(tname, np.ascontiguousarray(pt.data))
             else:
                 w.add_tensor(tname, np.ascontiguousarray(pt.data), raw_dtype=gguf.GGMLQuantizationType[pt.qtype])
+            pt.data = None  # the writer holds the (mapped) array until it is written
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()

@@ -1,8 +1,53 @@
-"""A small ONNX graph builder over onnx.helper: unique names, shared constants, initializers with their byte count."""
+"""A small ONNX graph builder over onnx.helper: unique names, shared constants, initializers with their byte count;
+with an ExternalData sink, every large initializer's bytes go to the external data file as it is made."""
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
+from onnx.external_data_helper import set_external_data
+
+SIZE_THRESHOLD = 1024  # onnx.save_model's default: tensors whose raw data (sys.getsizeof) is at least this go external
+
+
+class ExternalData:
+    """The external data file of one model, appended tensor by tensor (issue 21: an export holds one initializer's
+    bytes at a time). The layout is onnx.save_model's with all_tensors_to_one_file and this size threshold: each
+    large initializer's raw bytes in the order the graph lists them, no padding, the tensor left with its location,
+    offset and length."""
+
+    def __init__(self, path, location: str):
+        self.path, self.location = Path(path), location
+        self._f = open(self.path, "wb")
+        self.count = 0
+
+    def park(self, tensor: TensorProto) -> TensorProto:
+        """Write `tensor`'s raw data to the file when it is large and make the tensor refer to it; returns it."""
+        if tensor.HasField("raw_data") and sys.getsizeof(tensor.raw_data) >= SIZE_THRESHOLD:
+            offset = self._f.tell()
+            self._f.write(tensor.raw_data)
+            set_external_data(tensor, self.location, offset, self._f.tell() - offset)
+            tensor.ClearField("raw_data")
+            self.count += 1
+        return tensor
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+
+    def embed(self, tensors) -> None:
+        """Put the parked bytes back into `tensors` (the model saved as one file, as onnx writes a small one)."""
+        self.close()
+        with open(self.path, "rb") as f:
+            for t in tensors:
+                if t.data_location == TensorProto.EXTERNAL:
+                    info = {e.key: e.value for e in t.external_data}
+                    f.seek(int(info["offset"]))
+                    t.raw_data = f.read(int(info["length"]))
+                    del t.external_data[:]
+                    t.ClearField("data_location")
 
 NP_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 TP_DTYPES = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16}
@@ -29,8 +74,9 @@ class Builder:
     rounded (fp32 where fp16's range cannot hold them), cast to fp32 in the graph; 'exact': only the lossless
     half; 'fp32': as they are)."""
 
-    def __init__(self, dtype: str, float_storage: str = "half"):
+    def __init__(self, dtype: str, float_storage: str = "half", sink: ExternalData | None = None):
         self.dtype = dtype
+        self.sink = sink  # where large initializers' bytes go as they are made (None: kept in the protos)
         self.float_storage = float_storage
         self.stored: dict = {}  # float weight name -> the dtype it is stored in (BF16 / FP16), when not the graph's
         self.rounded: set = set()  # float weights rounded to fp16 (float_storage 'half'), not exact
@@ -59,9 +105,13 @@ class Builder:
         """An initializer holding `arr` as it is; returns its (unique) name."""
         name = self.name(name)
         arr = np.ascontiguousarray(arr)
-        self.inits.append(numpy_helper.from_array(arr, name))
+        self._add(numpy_helper.from_array(arr, name))
         self.init_bytes += arr.nbytes
         return name
+
+    def _add(self, tensor: TensorProto) -> None:
+        """Append an initializer (its bytes to the sink first, when there is one)."""
+        self.inits.append(tensor if self.sink is None else self.sink.park(tensor))
 
     def float_weight(self, name: str, arr: np.ndarray) -> str:
         """A float weight as a tensor in the graph's dtype: in an fp32 graph stored as `float_storage` says and
@@ -79,7 +129,7 @@ class Builder:
         tp, raw = half
         self.stored[name] = "BF16" if tp == TensorProto.BFLOAT16 else "FP16"
         stored = self.name(name)
-        self.inits.append(helper.make_tensor(stored, tp, raw.shape, raw.tobytes(), raw=True))
+        self._add(helper.make_tensor(stored, tp, raw.shape, raw.tobytes(), raw=True))
         self.init_bytes += raw.nbytes
         return self.op("Cast", [stored], f"{name}/to_f32", to=TensorProto.FLOAT)
 

@@ -13,6 +13,7 @@ from converters.registry import ExportReport, TensorReport, prepare_output
 from neuqi_export.atomic import atomic_directory
 from neuqi_export.errors import UserError
 
+from .builder import ExternalData
 from .genai import genai_config, skip_reason
 from .graph import IR_VERSION, MIN_ORT_VERSION, MS_OPSET, ONNX_OPSET, DecoderGraph
 
@@ -29,10 +30,11 @@ def _tokenizer_files():
 
 
 def build_model(master, dtype: str = "fp32", zero_point: str = "fast", accuracy_level: int = ACCURACY_LEVEL_DEFAULT,
-                float_storage: str = "half"):
-    """(onnx.ModelProto, DecoderGraph) for a master checkpoint, with metadata set."""
+                float_storage: str = "half", sink: ExternalData | None = None):
+    """(onnx.ModelProto, DecoderGraph) for a master checkpoint, with metadata set. With `sink`, every large
+    initializer's bytes are written to that external data file as the graph is built (the model refers to them)."""
     g = DecoderGraph(master, dtype=dtype, zero_point=zero_point, accuracy_level=accuracy_level,
-                     float_storage=float_storage)
+                     float_storage=float_storage, sink=sink)
     model = g.build()
     q = master.config.get("quantization_config", {})
     forms = sorted({w.zero_point_form for _, w in g.reports})
@@ -80,15 +82,19 @@ def export_onnx(master, out, dtype: str = "fp32", zero_point: str = "fast", accu
     out = prepare_output(master, out, overwrite, "the ONNX exporter")
     if out.exists() and not out.is_dir():
         raise UserError(f"output '{out}' is a file; the ONNX export writes a directory, choose another -o")
-    model, g = build_model(master, dtype=dtype, zero_point=zero_point, accuracy_level=accuracy_level,
-                           float_storage=float_storage)
-    external = g.b.init_bytes > EXTERNAL_THRESHOLD if external_data is None else bool(external_data)
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        if external:
-            onnx.save_model(model, str(tmp / MODEL_NAME), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=DATA_NAME, size_threshold=1024)
-        else:
-            onnx.save_model(model, str(tmp / MODEL_NAME))
+        sink = ExternalData(tmp / DATA_NAME, DATA_NAME)  # initializers streamed out as they are made
+        try:
+            model, g = build_model(master, dtype=dtype, zero_point=zero_point, accuracy_level=accuracy_level,
+                                   float_storage=float_storage, sink=sink)
+        finally:
+            sink.close()
+        external = g.b.init_bytes > EXTERNAL_THRESHOLD if external_data is None else bool(external_data)
+        if not external:  # a small model: one file, its bytes put back (what onnx.save_model writes without them)
+            sink.embed(model.graph.initializer)
+        if not external or not sink.count:
+            (tmp / DATA_NAME).unlink()
+        onnx.save_model(model, str(tmp / MODEL_NAME))
         cfg = genai_config(master.config, g.d, filename=MODEL_NAME)
         if cfg is not None:
             (tmp / "genai_config.json").write_text(json.dumps(cfg, indent=4) + "\n")

@@ -30,7 +30,7 @@ from neuqi_export.errors import UserError
 from .attention import Masks, attend
 from .builder import NP_DTYPES, Builder
 from .embedding import quantized_embedding
-from .matmulnbits import NBitsWeights, group_sum_matrix, prepare
+from .matmulnbits import NBitsWeights, group_sum_matrix, prepare, without_arrays
 from .moe import moe_mlp, routing
 from .rope import cos_sin, rope_spec, rotate
 
@@ -81,7 +81,7 @@ def check_config(cfg: dict) -> None:
 
 class DecoderGraph:
     def __init__(self, master, dtype: str = "fp32", zero_point: str = "fast", accuracy_level: int = 4,
-                 float_storage: str = "half"):
+                 float_storage: str = "half", sink=None):
         if dtype not in NP_DTYPES:
             raise UserError(f"--dtype {dtype} is not supported for ONNX; use fp32 or fp16")
         if accuracy_level not in (0, 1, 2, 3, 4):
@@ -92,7 +92,7 @@ class DecoderGraph:
         self.fam = self.d.family
         self.zero_point = zero_point
         self.accuracy_level = int(accuracy_level)
-        self.b = Builder(dtype, float_storage)
+        self.b = Builder(dtype, float_storage, sink)  # sink: builder.ExternalData (initializers written as made)
         self.reports: list = []  # (name, NBitsWeights)
         self._group_sums: dict = {}
         self._gsum_mats: dict = {}
@@ -146,11 +146,13 @@ class DecoderGraph:
         if module not in self._nbits:
             b = self.b
             w: NBitsWeights = prepare(self.master.linears[module], self.zero_point)
-            self.reports.append((module, w))
             zp = w.zero_points if w.zero_points.dtype == np.uint8 else w.zero_points.astype(b.np)
             inits = [b.init(f"{module}.qweight", w.B), b.init(f"{module}.scales", w.scales.astype(b.np)),
                      b.init(f"{module}.zero_points", zp)]
             corr = None if w.correction is None else b.init(f"{module}.zp_correction", w.correction.astype(b.np))
+            if b.sink is not None:  # written: keep the shapes, not the bytes
+                w = without_arrays(w)
+            self.reports.append((module, w))
             self._nbits[module] = (w, inits, corr)
         return self._nbits[module]
 

@@ -151,3 +151,15 @@ def reference_matmul(x: np.ndarray, w: NBitsWeights) -> np.ndarray:
     if w.correction is not None:
         y = y + (x.astype(np.float64) @ group_sum_matrix(w.K, w.group_size, np.float64)) @ w.correction.astype(np.float64)
     return y
+
+
+def without_arrays(w: NBitsWeights) -> NBitsWeights:
+    """`w` with its arrays replaced by read-only views of one zero of the same shape and dtype (no memory): what a
+    streamed export keeps of a linear once its initializers are written (shapes and forms for the report)."""
+    from dataclasses import replace
+
+    def shell(a):
+        return None if a is None else np.broadcast_to(np.zeros((), a.dtype), a.shape)
+
+    return replace(w, B=shell(w.B), scales=shell(w.scales), zero_points=shell(w.zero_points),
+                   correction=shell(w.correction))

@@ -1,0 +1,132 @@
+"""Exports in bounded memory (issue 21, items 3 and 6): the GGUF writer holds one packed tensor at a time (the rest
+parked in a spill file beside the output), so its Python-heap peak does not grow with the depth of the model; a
+damaged master or a full disk ends in one line with nothing under the final name and no temporaries left.
+
+The peaks are tracemalloc's (numpy registers its buffers with it; the spill's memory maps and torch's storages are
+not counted, and the lazy master's tensors are read from its shards one at a time).
+"""
+import errno
+import sys
+import tracemalloc
+from pathlib import Path
+
+import pytest
+
+from converters.gguf import export_gguf
+from neuqi_export.cli.main import main
+from neuqi_export.errors import UserError
+from neuqi_export.master import MasterCheckpoint
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gguf_fixtures import make_tiny  # noqa: E402
+
+WIDE = dict(hidden=512, intermediate=1024)  # every linear's packed bytes above the spill's in-RAM threshold
+
+
+@pytest.fixture(scope="module")
+def masters(tmp_path_factory):
+    """{layers: saved master dir} for wide tiny llamas of 2 and 8 blocks."""
+    tmp = tmp_path_factory.mktemp("stream")
+    out = {}
+    for n in (2, 8):
+        m, _ = make_tiny(tmp / f"src{n}", "llama", bits=4, group_size=32, num_hidden_layers=n, **WIDE)
+        out[n] = m.save(tmp / f"m{n}")
+    return out
+
+
+def _layer_packed_bytes(master: MasterCheckpoint, qtype: str) -> int:
+    """The bytes of one block's linears stored as `qtype`."""
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
+    return sum(lin.shape[0] * lin.shape[1] for n, lin in master.linears.items() if ".layers.0." in n) * size // block
+
+
+def _export_peak(master_dir: Path, out: Path, qtype: str) -> int:
+    master = MasterCheckpoint.load(master_dir)
+    tracemalloc.start()
+    try:
+        export_gguf(master, out, qtype=qtype, overwrite=True)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q4_K"])
+def test_gguf_export_peak_does_not_grow_with_depth(masters, tmp_path, qtype):
+    layer = _layer_packed_bytes(MasterCheckpoint.load(masters[2]), qtype)
+    _export_peak(masters[2], tmp_path / "warm.gguf", qtype)  # the first export's imports and caches are not the export's
+    peaks = {n: _export_peak(d, tmp_path / f"{n}.gguf", qtype) for n, d in masters.items()}
+    grown = peaks[8] - peaks[2]
+    # 6 more blocks: holding every packed tensor (the writer before the spill) grows the peak by ~6 blocks' bytes
+    assert grown < 2 * layer, f"peak {peaks} grew by {grown} bytes for 6 blocks of {layer} packed bytes"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # spill and temp file gone
+
+
+def test_full_disk_while_spilling_leaves_nothing(masters, tmp_path, monkeypatch, capsys):
+    from converters.gguf import spill
+
+    calls, hold = [0], spill.TensorSpill.hold
+
+    def full(self, data):
+        calls[0] += 1
+        if calls[0] == 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return hold(self, data)
+
+    monkeypatch.setattr(spill.TensorSpill, "hold", full)
+    out = tmp_path / "m.gguf"
+    assert main(["export", str(masters[2]), "--to", "gguf", "--type", "Q4_1", "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no space left" in err and "\n" not in err
+    assert calls[0] == 5 and list(tmp_path.iterdir()) == []
+
+
+def test_full_disk_while_writing_the_file_leaves_nothing(masters, tmp_path, monkeypatch, capsys):
+    import gguf
+
+    write = gguf.GGUFWriter.write_tensors_to_file
+
+    def full(self, **kw):  # the header is on disk, then the disk fills up
+        self.fout[0].write(b"\0" * 1000)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", full)
+    out = tmp_path / "m.gguf"
+    assert main(["export", str(masters[2]), "--to", "gguf", "--type", "Q4_1", "-o", str(out)]) == 2
+    assert "no space left" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", write)
+    assert main(["export", str(masters[2]), "--to", "gguf", "--type", "Q4_1", "-o", str(out)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+
+
+def test_killed_exports_spill_is_swept(masters, tmp_path):
+    """A spill a SIGKILLed export left (its pid gone) is removed by the next run on that output."""
+    out = tmp_path / "m.gguf"
+    stale = tmp_path / f".m.gguf.{2**22 + 7}.spilling"  # a pid above the kernel's pid_max default: not alive
+    stale.write_bytes(b"x" * 100)
+    assert main(["export", str(masters[2]), "--to", "gguf", "--type", "Q4_1", "-o", str(out)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_damaged_master_shard_is_one_line_naming_it(masters, tmp_path, damage):
+    m = _copy(masters[2], tmp_path / "m")
+    shard = m / "model-00002-of-00003.safetensors"
+    if damage == "missing":
+        shard.unlink()
+    else:
+        shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(UserError) as e:
+        export_gguf(MasterCheckpoint.load(m), tmp_path / "x.gguf")
+    msg = str(e.value)
+    assert str(shard) in msg and "\n" not in msg and damage in msg
+    assert not (tmp_path / "x.gguf").exists()
