@@ -64,13 +64,9 @@ def test_export_of_a_float_zero_master_warns_once_with_the_error(tiny_llama_dir,
 
 @pytest.fixture(scope="module")
 def int_master():
-    import importlib.util
-    from pathlib import Path
+    from fixture_modules import converter_fixtures
 
-    path = Path(__file__).resolve().parent / "onnx_fixtures.py"
-    spec = importlib.util.spec_from_file_location("onnx_test_fixtures", path)
-    fx = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fx)
+    fx = converter_fixtures("onnx_fixtures")
     master = fx.build_master(fx.build_model("qwen2", 300, seed=8), 4, 64, method="neuqi_int")
     return master, fx
 

@@ -2,23 +2,18 @@
 master exported exactly (transformers logits == master_to_hf), the diag-H integer-zero refit (weights that
 transformers loads == what the exporter reports, never worse than plain rounding), ragged groups, and the
 real SmolLM2 master's perplexity through transformers."""
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from neuqi_export.errors import UserError
+from fixture_modules import converter_fixtures
 
 
 def _fixtures():
-    path = Path(__file__).resolve().parent / "onnx_fixtures.py"
-    spec = importlib.util.spec_from_file_location("onnx_test_fixtures", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return converter_fixtures("onnx_fixtures")
 
 
 @pytest.mark.parametrize("bits", range(1, 9))

@@ -55,14 +55,10 @@ def test_half_dtype_of_a_float32_checkpoint_follows_its_values():
 
 def test_half_dtype_reads_a_loaded_masters_lazy_tensors(tmp_path):
     """A loaded master's tensors are a lazy mapping (master_store.LazyDict), not a dict."""
-    import importlib.util
-    from pathlib import Path
-
+    from fixture_modules import converter_fixtures
     from neuqi_export.master import MasterCheckpoint
 
-    spec = importlib.util.spec_from_file_location("fx", Path(__file__).resolve().parent / "onnx_fixtures.py")
-    fx = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fx)
+    fx = converter_fixtures("onnx_fixtures")
     master = fx.build_master(fx.build_model("llama", 300, seed=1), 4, 64)
     master.tensors = {k: v.to(torch.bfloat16).float() for k, v in master.tensors.items()}
     master.save(tmp_path / "m")

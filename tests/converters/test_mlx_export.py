@@ -1,23 +1,18 @@
 """MLX exporter: packing bit-exact against mlx.core.dequantize, exact re-expression of ragged / per-channel
 groups on MLX group sizes, config fields mlx-lm needs, tiny llama / qwen2 logits in mlx-lm equal to
 master_to_hf, and the real SmolLM2 master's perplexity in mlx-lm."""
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from neuqi_export.errors import UserError
+from fixture_modules import converter_fixtures
 
 
 def _fixtures():
-    path = Path(__file__).resolve().parent / "onnx_fixtures.py"
-    spec = importlib.util.spec_from_file_location("onnx_test_fixtures", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return converter_fixtures("onnx_fixtures")
 
 
 def _lin(out, inp, bits, gs, seed=0):

@@ -2,7 +2,6 @@
 mlx-lm does, loads in plain mlx-lm (computing in that half dtype) and in the mlx runtime, and the runtime's logits
 are those of the file's own values (dequantized here independently, in float64, through transformers); `exact`
 keeps every tensor exact."""
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,14 +9,11 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from fixture_modules import converter_fixtures
 
 
 def _fixtures():
-    path = Path(__file__).resolve().parent / "onnx_fixtures.py"
-    spec = importlib.util.spec_from_file_location("onnx_test_fixtures", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return converter_fixtures("onnx_fixtures")
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """MLX and compressed-tensors exports as Hugging Face shards them (converters/shards.py): a small --max-shard-size
 forces several `model-0000i-of-0000N.safetensors` with an index holding the same tensors, byte for byte, as the
 one-file export, and mlx-lm / transformers load them to the same logits; the default size keeps one file."""
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,16 +9,13 @@ import pytest
 from safetensors import safe_open
 
 from neuqi_export.errors import UserError
+from fixture_modules import converter_fixtures
 
 MAX = "20KB"  # the tiny model's ~0.2 MB of tensors: about ten shards
 
 
 def _fixtures():
-    path = Path(__file__).resolve().parent / "onnx_fixtures.py"
-    spec = importlib.util.spec_from_file_location("onnx_test_fixtures", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return converter_fixtures("onnx_fixtures")
 
 
 @pytest.fixture(scope="module")

@@ -1,19 +1,14 @@
 """The llama.cpp runtime: fresh state per window, greedy generation, detection, errors."""
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from neuqi_export.errors import UserError
+from fixture_modules import converter_fixtures
 
 
 def _fixtures():
-    path = Path(__file__).resolve().parents[1] / "converters" / "gguf_fixtures.py"
-    spec = importlib.util.spec_from_file_location("gguf_test_fixtures", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return converter_fixtures("gguf_fixtures")
 
 
 @pytest.fixture(scope="module")

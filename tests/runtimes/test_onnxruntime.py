@@ -1,21 +1,16 @@
 """The onnxruntime runtime: detection, logits from an empty cache, greedy generation through the KV
 cache (same tokens as transformers' greedy generate on the master's dequantized model), errors."""
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from neuqi_export.errors import UserError
+from fixture_modules import converter_fixtures
 
 
 def _fixtures():
-    path = Path(__file__).resolve().parents[1] / "converters" / "onnx_fixtures.py"
-    spec = importlib.util.spec_from_file_location("onnx_test_fixtures", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return converter_fixtures("onnx_fixtures")
 
 
 @pytest.fixture(scope="module")
