@@ -27,8 +27,10 @@ import gguf
 
 from neuqi_export.errors import UserError
 
-_QWEN2_RE = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-_LLAMA3_RE = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+# the pre-tokenizer regexes llama.cpp names "qwen2" / "llama-bpe": tokenizer facts matched by regex, never by
+# model_type (Qwen3, DeepSeek and others ship the same splits); the model families live in neuqi_export/archs
+_ONE_DIGIT_RE = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_DIGITS_1_3_RE = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 _SPACE = "\u2581"  # SentencePiece's visible space
 
 
@@ -52,9 +54,9 @@ def detect_pre(tokenizer_json: dict) -> str | None:
     if types == ["Split", "ByteLevel"] and not parts[1].get("use_regex", True):
         pattern = parts[0].get("pattern", {})
         regex = pattern.get("Regex") if isinstance(pattern, dict) else None
-        if regex == _QWEN2_RE:
+        if regex == _ONE_DIGIT_RE:
             return "qwen2"
-        if regex == _LLAMA3_RE:
+        if regex == _DIGITS_1_3_RE:
             return "llama-bpe"
     return None
 
