@@ -76,7 +76,7 @@ def check_config(cfg: dict) -> None:
     """UserError (one line) when the graph cannot express this HF config; nothing otherwise."""
     d = ModelDims(cfg)
     if d.family.experts is not None:
-        routing(cfg, d.model_type)
+        routing(cfg, d.family)
 
 
 class DecoderGraph:

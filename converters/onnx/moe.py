@@ -9,7 +9,7 @@ computing what transformers 5's eager code computes (Qwen3MoeSparseMoeBlock / Mi
     logits  = x @ routerᵀ                        (router float, MatMul; x flattened to (tokens, hidden))
     probs   = softmax(float32(logits))
     w, idx  = top-k(probs)                       (TopK; k = num_experts_per_tok)
-    w      /= sum(w)  where the family renormalises (mixtral always; qwen3_moe when norm_topk_prob)
+    w      /= sum(w)  where the family renormalises (Family.router_renormalises)
     route   = (tokens, experts) matrix, w at idx, 0 elsewhere (ScatterElements)
     for each expert e:  tok = NonZero(route[:, e] > 0);  y_e = down(act(gate x[tok]) * up x[tok]) * route[tok, e]
     out     = Σ_e y_e scattered back to its tokens (ScatterND, reduction add; in float32, which onnxruntime's CPU
@@ -27,23 +27,18 @@ from onnx import TensorProto, helper
 from neuqi_export.errors import UserError
 from neuqi_export.experts import num_experts
 
-# does the family renormalise the top-k routing weights to sum 1? (transformers' MixtralTopKRouter always does;
-# Qwen3MoeTopKRouter when config.norm_topk_prob)
-RENORMALISE = {"qwen3_moe": lambda c: bool(c.get("norm_topk_prob", False)), "mixtral": lambda c: True}
-
-
-def routing(cfg: dict, model_type: str) -> tuple[int, int, bool]:
-    """(experts, top-k, renormalise) of an MoE config; UserError for a family whose routing the graph does not know."""
-    if model_type not in RENORMALISE:
-        raise UserError(f"{model_type}: the ONNX exporter does not know this family's expert routing; "
+def routing(cfg: dict, fam) -> tuple[int, int, bool]:
+    """(experts, top-k, renormalise) of an MoE config; UserError for a family whose routing the registry does not give."""
+    if fam.router_renormalises is None:
+        raise UserError(f"{fam.model_type}: the ONNX exporter does not know this family's expert routing; "
                         "export mlx or compressed-tensors instead")
-    return num_experts(cfg), int(cfg["num_experts_per_tok"]), RENORMALISE[model_type](cfg)
+    return num_experts(cfg), int(cfg["num_experts_per_tok"]), fam.router_renormalises(cfg)
 
 
 def route_matrix(g, x2: str, prefix: str) -> str:
     """The float32 (tokens, experts) routing weights of x2 (tokens, hidden): the top-k weights, 0 elsewhere."""
     b, fam = g.b, g.fam
-    n_exp, k, renorm = routing(g.cfg, fam.model_type)
+    n_exp, k, renorm = routing(g.cfg, fam)
     name = f"{prefix}.{fam.router}"
     logits = b.to_float(g.linear(x2, name), name)
     probs = b.op("Softmax", [logits], f"{name}/softmax", axis=-1)
@@ -62,7 +57,7 @@ def route_matrix(g, x2: str, prefix: str) -> str:
 def moe_mlp(g, h: str, prefix: str) -> str:
     """The MoE block's output for h (batch, seq, hidden) of block `prefix` (e.g. 'model.layers.3')."""
     b, fam = g.b, g.fam
-    n_exp = routing(g.cfg, fam.model_type)[0]
+    n_exp = routing(g.cfg, fam)[0]
     base = f"{prefix}.{fam.experts}"
     x2 = b.op("Reshape", [h, b.i64(-1, g.d.hidden)], f"{base}/flatten")
     route = route_matrix(g, x2, prefix)

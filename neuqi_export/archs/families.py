@@ -85,7 +85,9 @@ FAMILIES = (
                             ffn_out="post_feedforward_layernorm", q="self_attn.q_norm", k="self_attn.k_norm",
                             qk_span="full"), gguf_sliding_window=True, gguf_q_full_width=True),
     Family("qwen3_moe", "qwen3moe", False, None, "qwen3_moe", **_MOE, mlx_moe="mlp", gguf_keys=_moe_keys,
+           router_renormalises=lambda c: bool(c.get("norm_topk_prob", False)),
            norms=BlockNorms(q="self_attn.q_norm", k="self_attn.k_norm", qk_span="head")),
     Family("mixtral", "llama", True, None, "mixtral", **_MOE, mlx_moe="block_sparse_moe", gguf_keys=_moe_keys,
+           router_renormalises=lambda c: True,
            experts_ckpt=("block_sparse_moe.experts", "w1", "w3", "w2"), router_ckpt="block_sparse_moe.gate"),
 )

@@ -110,6 +110,9 @@ class Family:
     # `down_proj` (E, H, I), quantized per expert by neuqi_export/experts.py) and its router (kept float); None: dense
     experts: str | None = None
     router: str | None = None
+    # does the router renormalise its top-k weights to sum 1 for this config (transformers' MixtralTopKRouter always;
+    # Qwen3MoeTopKRouter when norm_topk_prob)? None: the family's routing is not known to the exporters
+    router_renormalises: Callable[[dict], bool] | None = None
     mlx_moe: str | None = None  # mlx-lm's name of the MoE block holding `switch_mlp` and `gate`
     # how checkpoints name them (per expert): (experts path, gate, up, down part names) and the router's path
     experts_ckpt: tuple = ("mlp.experts", "gate_proj", "up_proj", "down_proj")

@@ -68,11 +68,13 @@ def test_fp16_graph_runs_close(one_thread):
 
 
 def test_unknown_routing_refused_in_one_line(monkeypatch):
-    import converters.onnx.moe as moe
+    import dataclasses
+
     from converters.onnx.graph import check_config
+    from neuqi_export.archs import REGISTRY
 
     master = build_master(factory_model("mixtral", VOCAB, seed=5), 4, 32)
-    monkeypatch.setattr(moe, "RENORMALISE", {k: v for k, v in moe.RENORMALISE.items() if k != "mixtral"})
+    monkeypatch.setitem(REGISTRY, "mixtral", dataclasses.replace(REGISTRY["mixtral"], router_renormalises=None))
     with pytest.raises(UserError, match="mixtral: the ONNX exporter does not know") as exc:
         check_config(master.config)
     assert "\n" not in str(exc.value) and "export" in str(exc.value)
