@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -35,6 +36,7 @@ WEIGHTS_NAME = "model.safetensors"
 class QuantizedLinear:
     """One quantized linear: dequant = scale * (codes - zero), per group of input columns."""
 
+    kind: ClassVar[str] = "uniform"  # the grid kind it was quantized on (grids.py); exporters check it
     codes: torch.Tensor  # uint8 (out, in), values 0 .. 2**bits - 1
     scale: torch.Tensor  # float32 (out, n_groups)
     zero: torch.Tensor  # float32 (out, n_groups), float zero-point
@@ -74,6 +76,7 @@ class QuantizedLinear:
 class GGUFLinear:
     """One linear held in a GGUF block type: dequant = gguf.quants.dequantize(data, qtype)."""
 
+    kind: ClassVar[str] = "gguf"  # the grid kind it was quantized on (grids.py); exporters check it
     data: torch.Tensor  # uint8 (out, row_bytes); F16/F32: the float rows (out, in)
     qtype: str  # GGML type name
     shape: tuple[int, int]
