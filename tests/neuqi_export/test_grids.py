@@ -101,3 +101,29 @@ def test_an_unregistered_kind_is_refused_in_one_line():
     with pytest.raises(UserError) as e:
         grids.grid("ternary", "T2")
     assert "no ternary grids are registered" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_gguf_records_read_their_blocks_through_the_registered_format(monkeypatch):
+    from neuqi_export import master
+
+    class Bytes:  # a stand-in block format: one byte per weight, weight = byte / 10
+        @staticmethod
+        def row_bytes(qtype, n):
+            return n
+
+        @staticmethod
+        def dequantize(data, qtype):
+            return data.astype("float32") / 10
+
+    data = torch.arange(12, dtype=torch.uint8).reshape(3, 4)
+    rec = GGUFLinear(data, "Q8_0", (3, 4))
+    monkeypatch.delitem(master._BLOCKS, "gguf", raising=False)
+    with pytest.raises(UserError) as e:
+        rec.dequantize()
+    assert "only converters.gguf reads" in str(e.value) and "\n" not in str(e.value)
+    assert torch.equal(GGUFLinear(data.half(), "F16", (3, 4)).dequantize(), data.float())  # floats: no format asked
+    monkeypatch.setitem(master._BLOCKS, "gguf", Bytes)
+    rec.validate("x")
+    assert torch.equal(rec.dequantize(), data.float() / 10)
+    with pytest.raises(UserError, match="do not match"):
+        GGUFLinear(data[:, :3], "Q8_0", (3, 4)).validate("x")
