@@ -10,12 +10,14 @@ linear; when the model ties it to the embedding (`quantization_config.lm_head.ti
 table is not stored: it is that head's dequantized matrix.
 A linear quantized directly for a GGUF block type (`convert --to gguf`'s K-quant-aware mode) is stored
 instead as `<m>.gguf` (the blocks as llama.cpp reads them, uint8 (out, row_bytes); F16/F32 rows as floats)
-with its type in the module entry; only the GGUF exporter and the dequantizing runtimes take those.
+with its type in the module entry; only the GGUF exporter and the dequantizing runtimes take those. The core reads
+no block format: converters.gguf registers how its types' rows are sized and dequantized (register_blocks).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -35,6 +37,7 @@ WEIGHTS_NAME = "model.safetensors"
 class QuantizedLinear:
     """One quantized linear: dequant = scale * (codes - zero), per group of input columns."""
 
+    kind: ClassVar[str] = "uniform"  # the grid kind it was quantized on (grids.py); exporters check it
     codes: torch.Tensor  # uint8 (out, in), values 0 .. 2**bits - 1
     scale: torch.Tensor  # float32 (out, n_groups)
     zero: torch.Tensor  # float32 (out, n_groups), float zero-point
@@ -70,10 +73,40 @@ class QuantizedLinear:
                 {"bits": self.bits, "group_size": self.group_size, "shape": list(self.shape)})
 
 
+class BlockFormat(Protocol):
+    """How a record kind's block types are laid out and read back (registered by the package that defines them)."""
+
+    def row_bytes(self, qtype: str, n: int) -> int:
+        """Bytes of one row of n weights in block type `qtype`."""
+        ...
+
+    def dequantize(self, data: np.ndarray, qtype: str) -> np.ndarray:
+        """float32 (rows, n) weights that the uint8 (rows, row_bytes) blocks of `qtype` stand for."""
+        ...
+
+
+_BLOCKS: dict[str, BlockFormat] = {}
+
+
+def register_blocks(kind: str, fmt: BlockFormat) -> None:
+    """Make records of `kind` (e.g. 'gguf', by converters.gguf) readable: their row sizes and dequantization."""
+    _BLOCKS[kind] = fmt
+
+
+def blocks(kind: str) -> BlockFormat:
+    """The registered block format of record kind `kind`; UserError naming the package that registers it."""
+    if kind not in _BLOCKS:
+        raise UserError(f"this master holds linears in {kind} block types, which only converters.{kind} reads; "
+                        f"import converters.{kind} first (the neuqi-export command does)")
+    return _BLOCKS[kind]
+
+
 @dataclass
 class GGUFLinear:
-    """One linear held in a GGUF block type: dequant = gguf.quants.dequantize(data, qtype)."""
+    """One linear held in a GGUF block type: dequant = the blocks read as llama.cpp does (blocks("gguf"), from
+    converters.gguf: gguf.quants.dequantize(data, qtype))."""
 
+    kind: ClassVar[str] = "gguf"  # the grid kind it was quantized on (grids.py); exporters check it
     data: torch.Tensor  # uint8 (out, row_bytes); F16/F32: the float rows (out, in)
     qtype: str  # GGML type name
     shape: tuple[int, int]
@@ -81,22 +114,14 @@ class GGUFLinear:
 
     def dequantize(self) -> torch.Tensor:
         """float32 (out, in) weights as llama.cpp reads them."""
-        import gguf
-
         if self.qtype in ("F16", "F32"):
             return self.data.float().reshape(self.shape)
-        deq = gguf.quants.dequantize(self.data.cpu().numpy(), gguf.GGMLQuantizationType[self.qtype])
+        deq = blocks(self.kind).dequantize(self.data.cpu().numpy(), self.qtype)
         return torch.from_numpy(np.ascontiguousarray(deq, np.float32)).reshape(self.shape)
 
     def validate(self, name: str) -> None:
-        import gguf
-
         out, inp = self.shape
-        if self.qtype not in ("F16", "F32"):
-            block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[self.qtype]]
-            want = (out, inp // block * size)
-        else:
-            want = (out, inp)
+        want = (out, inp if self.qtype in ("F16", "F32") else blocks(self.kind).row_bytes(self.qtype, inp))
         if tuple(self.data.shape) != want:
             raise UserError(f"{name}: {self.qtype} blocks of shape {tuple(self.data.shape)} do not match {want}; the checkpoint is corrupt, re-run convert")
 
@@ -233,13 +258,9 @@ def _stored_shapes(name: str, meta: dict) -> dict:
     """The tensors (name -> shape) a `modules` entry says the master holds for linear `name`."""
     out, inp = meta["shape"]
     if "gguf_type" in meta:
-        import gguf
-
         qtype = meta["gguf_type"]
-        if qtype in ("F16", "F32"):
-            return {f"{name}.gguf": (out, inp), f"{name}.hdiag": (inp,)}
-        block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
-        return {f"{name}.gguf": (out, inp // block * size), f"{name}.hdiag": (inp,)}
+        row = inp if qtype in ("F16", "F32") else blocks(GGUFLinear.kind).row_bytes(qtype, inp)
+        return {f"{name}.gguf": (out, row), f"{name}.hdiag": (inp,)}
     ng = n_groups(inp, inp if meta["group_size"] == -1 else meta["group_size"])
     return {f"{name}.qweight": (out, (inp * meta["bits"] + 7) // 8), f"{name}.scales": (out, ng),
             f"{name}.zeros": (out, ng), f"{name}.hdiag": (inp,)}

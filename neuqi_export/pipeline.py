@@ -30,16 +30,14 @@ from . import distributed as _dist
 from . import experts as _experts
 from .atomic import atomic_directory
 from .errors import UserError
-from .gptq import GPTQFactor, gptq_quantize, weighted_error
+from .gptq import GPTQFactor, weighted_error
 from .hessian import HessianAccumulator
-from .grids import grid
+from .grids import LinearGrid, grid
 from .master import EMBED, HEAD, QuantizedLinear
 from .master_store import assemble, shard_name
 from .partial import block_done, discard_stale, mark, partial_dir
 from .partial import load_block as _load_block
 from .partial import save_block as _save_block
-from .quant.grid import dequantize, quantize_codes
-from .quant.params import init_params
 from .replay import BlockReplay, default_budget
 from .device import resolve_device  # noqa: F401 - callers import it from here too
 from .timing import StageTimer
@@ -63,13 +61,20 @@ def _fingerprint(model_dir: Path, opts: QuantizeOptions, calib_text: str | None)
     return h.hexdigest()[:16]
 
 
+def grid_of(name: str | None, opts: QuantizeOptions) -> LinearGrid:
+    """The grid linear `name` is quantized on: its GGUF type's when opts.gguf_types names it (registered by
+    converters.gguf), else the uniform opts.bits / opts.group_size grid fitted with opts.init."""
+    if opts.gguf_types and name in opts.gguf_types:
+        return grid("gguf", opts.gguf_types[name])
+    return grid("uniform", opts.bits, opts.group_size, opts.init)
+
+
 def quantize_linear(W: torch.Tensor, H: torch.Tensor | None, opts: QuantizeOptions, name: str | None = None,
                     importance: torch.Tensor | None = None, timer: StageTimer | None = None,
                     factor: GPTQFactor | None = None) -> tuple[object, dict, torch.Tensor]:
-    """Init params for every group of W (from the original W), then GPTQ or round-to-nearest; a linear
-    that opts.gguf_types names is quantized on its GGUF type's lattice instead. importance: an imatrix h
-    (n_in,) used as diag(H) when there is no H (damped like H); factor: GPTQFactor.of(H) shared by a subset.
-    Returns (record: a QuantizedLinear or the grid's own, losses, dequantized W)."""
+    """W quantized on grid_of(name, opts): parameters fitted on the original W, then GPTQ or round-to-nearest.
+    importance: an imatrix h (n_in,) used as diag(H) when there is no H (damped like H); factor: GPTQFactor.of(H)
+    shared by a subset. Returns (the grid's record, losses, dequantized W)."""
     timer = timer or StageTimer()
     if not torch.isfinite(W).all():
         raise UserError("a weight contains NaN/Inf; repair the model before quantizing")
@@ -80,24 +85,8 @@ def quantize_linear(W: torch.Tensor, H: torch.Tensor | None, opts: QuantizeOptio
         hdiag = h + opts.percdamp * h.mean().clamp_min(1e-12)
     else:
         hdiag = torch.ones(W.shape[1], device=W.device)
-    if opts.gguf_types and name in opts.gguf_types:  # a GGUF block type's own lattice (registered by converters.gguf)
-        rec, deq = grid("gguf", opts.gguf_types[name]).quantize(W, H, hdiag, gptq=opts.gptq, act_order=opts.act_order,
-                                                                timer=timer, factor=factor)
-    else:
-        has_h = H is not None or importance is not None
-        with timer.stage("fit"):
-            scale, zero = init_params(W, opts.bits, opts.group_size, method=opts.init,
-                                      hdiag=hdiag if (opts.init in USES_HDIAG and has_h) else None)
-        eff_gs = W.shape[1] if opts.group_size == -1 else opts.group_size
-        if opts.gptq:
-            with timer.stage("gptq"):
-                codes = gptq_quantize(W, H, scale, zero, opts.bits, opts.group_size, act_order=opts.act_order,
-                                      factor=factor)
-        else:
-            codes = quantize_codes(W, scale, zero, opts.bits, eff_gs)
-        deq = dequantize(codes, scale, zero, eff_gs)
-        rec = QuantizedLinear(codes.cpu(), scale.float().cpu(), zero.float().cpu(), opts.bits, opts.group_size,
-                              hdiag.cpu())
+    rec, deq = grid_of(name, opts).quantize(W, H, hdiag, gptq=opts.gptq, act_order=opts.act_order, timer=timer,
+                                            factor=factor)
     with timer.stage("loss"):
         losses = {"diag": float(((W.double() - deq.double()) ** 2 * hdiag.double()).sum())}
         losses["hessian"] = weighted_error(W, deq, H) if H is not None else losses["diag"]

@@ -27,7 +27,7 @@ import torch
 
 from neuqi_export import grids
 from neuqi_export.errors import UserError
-from neuqi_export.master import GGUFLinear
+from neuqi_export.master import GGUFLinear, register_blocks
 from neuqi_export.gptq import GPTQFactor, TableColumns, gptq_with_rounding, nearest, nearest_affine
 from neuqi_export.timing import StageTimer
 
@@ -120,4 +120,18 @@ class GGUFGrid:
         return GGUFLinear(torch.from_numpy(res.data), self.qtype, tuple(W.shape), hdiag.cpu()), res.deq.to(W.device)
 
 
+class GGUFBlocks:
+    """The GGUF block types as the master reads its GGUFLinear records (neuqi_export.master.BlockFormat)."""
+
+    @staticmethod
+    def row_bytes(qtype: str, n: int) -> int:
+        block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
+        return n // block * size
+
+    @staticmethod
+    def dequantize(data: np.ndarray, qtype: str) -> np.ndarray:
+        return gguf.quants.dequantize(data, gguf.GGMLQuantizationType[qtype])
+
+
 grids.register("gguf", GGUFGrid)  # the pipeline asks for "gguf" grids by type name (QuantizeOptions.gguf_types)
+register_blocks(GGUFLinear.kind, GGUFBlocks)  # the master reads GGUFLinear records through it
