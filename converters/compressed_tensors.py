@@ -228,7 +228,7 @@ def export_compressed_tensors(master, out, scale_dtype: str = "fp32", refit: str
     half = half_dtype(master.config, master.tensors)
     sdt = choose(scale_dtype, SCALE_DTYPES, "--ct-scale-dtype")
     choose(refit, dict.fromkeys(REFITS), "--ct-refit")
-    out = prepare_output(master, out, overwrite, "the compressed-tensors exporter")
+    out = prepare_output(out, overwrite)
 
     tensors: dict[str, torch.Tensor] = {}
     reports: list[TensorReport] = []
@@ -345,18 +345,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     shards.add_option(p)
 
 
-def export(master, out, args: argparse.Namespace) -> ExportReport:
-    return export_compressed_tensors(master, out, scale_dtype=getattr(args, "ct_scale_dtype", None) or "fp32",
-                                     refit=getattr(args, "ct_refit", None) or "diag",
-                                     overwrite=bool(getattr(args, "force", False) or getattr(args, "overwrite", False)),
-                                     float_storage=float_storage.from_args(args), max_shard_size=shards.from_args(args))
+def options_from_args(args: argparse.Namespace) -> dict:
+    """export_compressed_tensors()'s keyword options from the parsed `--to compressed-tensors` CLI options."""
+    return {"scale_dtype": args.ct_scale_dtype, "refit": args.ct_refit, "float_storage": args.float_storage,
+            "max_shard_size": args.max_shard_size}
 
 
 register(Exporter(
     name="compressed-tensors",
     help="compressed-tensors pack-quantized safetensors (transformers/vLLM): integer zero-points, diag-H refit",
     add_arguments=add_arguments,
-    export=export,
+    write=export_compressed_tensors,
+    options_from_args=options_from_args,
     init="neuqi_int",  # integer zero-points: the file is exact (convert's default; docs/SIZES.md)
 ))
 

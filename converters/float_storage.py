@@ -26,11 +26,6 @@ def add_option(p) -> None:
         p.add_argument(OPTION, dest="float_storage", default="half", choices=FLOAT_STORAGE, help=HELP)
 
 
-def from_args(args) -> str:
-    """The --float-storage value of parsed CLI args (default half)."""
-    return getattr(args, "float_storage", None) or "half"
-
-
 def half_dtype(config: dict, tensors=None) -> torch.dtype:
     """The model's half dtype, as mlx-lm's convert and llm-compressor take it from the checkpoint: bfloat16 or
     float16 when the config's dtype (`torch_dtype` / `dtype`) says so; for a float32 config, bfloat16 when every

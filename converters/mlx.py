@@ -283,7 +283,7 @@ def export_mlx(master, out, scale_dtype: str | None = None, overwrite: bool = Fa
         scale_dtype = next(k for k, v in SCALE_DTYPES.items() if v == sdt)
     sdt = choose(scale_dtype, SCALE_DTYPES, "--mlx-scale-dtype")
     check_family(master.config)
-    out = prepare_output(master, out, overwrite, "the MLX exporter")
+    out = prepare_output(out, overwrite)
 
     tensors: dict[str, torch.Tensor] = {}
     reports: list[TensorReport] = []
@@ -356,17 +356,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     shards.add_option(p)
 
 
-def export(master, out, args: argparse.Namespace) -> ExportReport:
-    return export_mlx(master, out, scale_dtype=getattr(args, "mlx_scale_dtype", None),
-                      overwrite=bool(getattr(args, "force", False) or getattr(args, "overwrite", False)),
-                      float_storage=float_storage.from_args(args), max_shard_size=shards.from_args(args))
+def options_from_args(args: argparse.Namespace) -> dict:
+    """export_mlx()'s keyword options from the parsed `--to mlx` CLI options (add_arguments)."""
+    return {"scale_dtype": args.mlx_scale_dtype, "float_storage": args.float_storage,
+            "max_shard_size": args.max_shard_size}
 
 
 register(Exporter(
     name="mlx",
     help="MLX affine safetensors for mlx-lm (Apple silicon / mlx[cpu]): exact (bias = -scale*zero)",
     add_arguments=add_arguments,
-    export=export,
+    write=export_mlx,
+    options_from_args=options_from_args,
     head_bits=8,  # convert's default: 8-bit head, -26% file at +0.08% perplexity on SmolLM2 (docs/SIZES.md)
 ))
 

@@ -38,16 +38,37 @@ class ExportReport:
 
 @dataclass
 class Exporter:
+    """One export format: its CLI options, its writer with plain keyword options, the master record kinds it takes."""
+
     name: str
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]  # format-specific CLI options
-    export: Callable[..., ExportReport]  # export(master: MasterCheckpoint, out: Path, args: Namespace) -> report
+    # write(master: MasterCheckpoint, out: Path, **options) -> report: the format's own function, every option defaulted
+    write: Callable[..., ExportReport]
+    # options_from_args(parsed CLI args) -> write()'s keyword options for this format's own CLI options
+    options_from_args: Callable[[argparse.Namespace], dict]
+    # the master record kinds (QuantizedLinear.kind "uniform", GGUFLinear.kind "gguf") write() can take
+    accepts: tuple[str, ...] = ("uniform",)
     # check(config dict) -> None: UserError for a model the format cannot express (convert calls it before quantizing)
     check: Callable[[dict], None] | None = None
     # what `convert --to NAME` quantizes with unless the user says otherwise (the format's measured preference,
     # docs/SIZES.md): the output head's width (--lm-head-bits; None = float head) and the init (--init)
     head_bits: int | None = None
     init: str = "neuqi"
+
+    def options(self, args: argparse.Namespace) -> dict:
+        """export()'s keyword options from parsed CLI args: the format's own, and overwrite from --force."""
+        return {"overwrite": bool(getattr(args, "force", False)), **self.options_from_args(args)}
+
+    def export(self, master, out, **options) -> ExportReport:
+        """Write `master` (a MasterCheckpoint or its directory) to `out` with write()'s keyword options; a master
+        holding a record kind this format does not accept is refused in one line before anything is written."""
+        from neuqi_export.master import MasterCheckpoint
+
+        if isinstance(master, (str, Path)):
+            master = MasterCheckpoint.load(master)
+        require_kinds(master, self)
+        return self.write(master, Path(out), **options)
 
 
 EXPORTERS: dict[str, Exporter] = {}
@@ -71,15 +92,37 @@ def load_all() -> dict[str, Exporter]:
     return EXPORTERS
 
 
-def prepare_output(master, out, overwrite: bool, what: str) -> Path:
-    """The checks every uniform-grid exporter makes before writing: `out` may be (over)written and the master
-    holds no linears quantized for GGUF block types. Returns out as a Path."""
+def record_kinds(master) -> dict[str, list[str]]:
+    """{record kind: names of the master's linears of that kind}, read from the records' classes (a lazily loaded
+    master's linears are not read)."""
+    linears = master.linears
+    kinds: dict[str, list[str]] = {}
+    for name in linears:
+        cls = linears.kind(name) if hasattr(linears, "kind") else type(linears[name])
+        kinds.setdefault(cls.kind, []).append(name)
+    return kinds
+
+
+def require_kinds(master, exporter: Exporter) -> None:
+    """UserError (one line, naming the kind and the fix) when `master` holds a record kind `exporter` does not accept."""
+    from neuqi_export.errors import UserError
+
+    for kind, names in record_kinds(master).items():
+        if kind not in exporter.accepts:
+            takers = sorted(e.name for e in EXPORTERS.values() if kind in e.accepts)
+            fix = f"export it with --to {' or '.join(takers)}, or" if takers else "instead"
+            raise UserError(f"this master holds {len(names)} linears of record kind '{kind}' (e.g. {names[0]}), which "
+                            f"--to {exporter.name} cannot take (it takes {', '.join(exporter.accepts)}); {fix} quantize "
+                            "a uniform master with `neuqi-export quantize`")
+
+
+def prepare_output(out, overwrite: bool) -> Path:
+    """`out` as a Path, or a UserError when it exists and `overwrite` is not set."""
     from neuqi_export.errors import UserError
 
     out = Path(out)
     if out.exists() and not overwrite:
         raise UserError(f"output '{out}' already exists; choose another -o or pass --force")
-    master.require_uniform(what)
     return out
 
 

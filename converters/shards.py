@@ -116,7 +116,3 @@ def add_option(p: argparse.ArgumentParser) -> None:
                        help="mlx / compressed-tensors: largest safetensors shard, e.g. 5GB (default, as Hugging Face "
                             "writes them), 500MB; a bigger model is written as model-0000i-of-0000N.safetensors "
                             "with model.safetensors.index.json")
-
-
-def from_args(args) -> str:
-    return getattr(args, "max_shard_size", None) or DEFAULT_MAX_SHARD_SIZE

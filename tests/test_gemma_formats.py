@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-from neuqi_export.cli import build_parser
 from neuqi_export.master import MasterCheckpoint
 from neuqi_export.modeling import master_to_hf
 
@@ -13,15 +12,14 @@ pytestmark = pytest.mark.integration
 # the per-runtime tolerances of tests/test_family_matrix.py (llama.cpp quantizes activations to Q8 in its matmuls)
 TOL = {"llamacpp": 0.10, "onnxruntime": 1e-4}
 # options under which each format holds the master exactly (tools/family_matrix.py EXACT_OPTIONS)
-EXACT = {"gguf": ("--embed-type", "F32", "--output-type", "F32"), "onnx": ("--accuracy-level", "1", "--float-storage", "exact"),
-         "mlx": ("--float-storage", "exact"), "compressed-tensors": ("--float-storage", "exact")}
+EXACT = {"gguf": {"embed_type": "F32", "output_type": "F32"}, "onnx": {"accuracy_level": 1, "float_storage": "exact"},
+         "mlx": {"float_storage": "exact"}, "compressed-tensors": {"float_storage": "exact"}}
 
 
-def _export(fmt, master_dir, out, *options):
+def _export(fmt, master_dir, out, **options):
     from converters.registry import load_all
 
-    args = build_parser().parse_args(["export", str(master_dir), "--to", fmt, "-o", str(out), *options])
-    return load_all()[fmt].export(MasterCheckpoint.load(master_dir), out, args)
+    return load_all()[fmt].export(master_dir, out, **options)
 
 
 def _logits(report, ids):
@@ -42,7 +40,7 @@ def _rel(got, ref):
 
 def test_gemma_onnx_runs_in_onnxruntime_as_the_master(gemma_master, gemma_eval_windows, tmp_path):
     master_dir = gemma_master("neuqi")
-    report = _export("onnx", master_dir, tmp_path / "gemma.onnx", *EXACT["onnx"])
+    report = _export("onnx", master_dir, tmp_path / "gemma.onnx", **EXACT["onnx"])
     assert all(t.exact for t in report.tensors), [t.name for t in report.tensors if not t.exact]
     ids = gemma_eval_windows[:1].numpy()  # 256 tokens
     name, got = _logits(report, ids)
@@ -63,10 +61,10 @@ def test_gemma_gguf_runs_in_llamacpp_as_the_master(gemma_master, gemma_eval_wind
     master_dir = gemma_master("neuqi")
     ids = gemma_eval_windows[:1].numpy()
     ref = _master_logits(master_dir, ids)
-    f16 = _export("gguf", master_dir, tmp_path / "gemma-f16.gguf", "--type", "F16", *EXACT["gguf"])
+    f16 = _export("gguf", master_dir, tmp_path / "gemma-f16.gguf", qtype="F16", **EXACT["gguf"])
     name, got = _logits(f16, ids)
     assert name == "llamacpp" and _rel(got, ref) < 0.02
-    exact = _export("gguf", master_dir, tmp_path / "gemma.gguf", *EXACT["gguf"])
+    exact = _export("gguf", master_dir, tmp_path / "gemma.gguf", **EXACT["gguf"])
     assert all(t.exact for t in exact.tensors), [t.name for t in exact.tensors if not t.exact]
     from runtimes.registry import runtime_for
 

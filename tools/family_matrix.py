@@ -26,8 +26,8 @@ for p in (ROOT, ROOT / "tests", ROOT / "tests" / "converters"):  # the factory a
 # the options under which each format holds the master exactly (the matrix checks the export, not a refit):
 # ONNX with fp32 activations in MatMulNBits (the default, accuracy level 4, quantizes them to int8); GGUF with the
 # float embedding and head kept F32; compressed-tensors stores integer zero-points, so its master uses neuqi_int
-EXACT_OPTIONS = {"onnx": ("--accuracy-level", "1", "--float-storage", "exact"), "gguf": ("--embed-type", "F32", "--output-type", "F32"),
-                 "mlx": ("--float-storage", "exact"), "compressed-tensors": ("--float-storage", "exact")}
+EXACT_OPTIONS = {"onnx": {"accuracy_level": 1, "float_storage": "exact"}, "gguf": {"embed_type": "F32", "output_type": "F32"},
+                 "mlx": {"float_storage": "exact"}, "compressed-tensors": {"float_storage": "exact"}}
 MASTER_INIT = {"compressed-tensors": "neuqi_int"}
 WINDOW = 32  # tokens per compared window: longer than the factory's sliding window (8)
 N_WINDOWS = 2
@@ -79,14 +79,11 @@ def reference_logits(master_dir: Path, ids: np.ndarray) -> np.ndarray:
         return master_to_hf(MasterCheckpoint.load(master_dir))(torch.from_numpy(ids)).logits.numpy()
 
 
-def export(master_dir: Path, fmt: str, out: Path, extra: tuple = ()) -> dict:
-    """Export with the CLI's own options for `fmt`; {'path', 'bytes', 'exact', 'refit'}."""
+def export(master_dir: Path, fmt: str, out: Path, options: dict | None = None) -> dict:
+    """Export with the exporter's keyword `options` (its defaults otherwise); {'path', 'bytes', 'exact', 'refit'}."""
     from converters.registry import load_all
-    from neuqi_export.cli import build_parser
-    from neuqi_export.master import MasterCheckpoint
 
-    args = build_parser().parse_args(["export", str(master_dir), "--to", fmt, "-o", str(out), "--force", *extra])
-    report = load_all()[fmt].export(MasterCheckpoint.load(master_dir), out, args)
+    report = load_all()[fmt].export(master_dir, out, overwrite=True, **(options or {}))
     refit = sum(not t.exact for t in report.tensors)
     return {"path": str(report.path), "bytes": int(report.bytes), "exact": len(report.tensors) - refit, "refit": refit}
 
@@ -111,7 +108,7 @@ def measure(model_type: str, fmt: str, bits: int, work: Path) -> dict:
     vocab = int(json.loads((master_dir / "config.json").read_text())["vocab_size"])
     ids = windows(vocab)
     ref = reference_logits(master_dir, ids).astype(np.float64)
-    info = export(master_dir, fmt, work / f"{master_dir.name}.{fmt}", EXACT_OPTIONS.get(fmt, ()))
+    info = export(master_dir, fmt, work / f"{master_dir.name}.{fmt}", EXACT_OPTIONS.get(fmt))
     runtime, got = runtime_logits(Path(info["path"]), ids)
     got = got[..., : ref.shape[-1]]
     diff = np.abs(got - ref)

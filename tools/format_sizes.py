@@ -108,7 +108,8 @@ def main() -> int:
         t0 = time.time()
         cli = ["export", str(masters[tag]), "--to", fmt, "-o", str(path), "--force", *opts]
         master = MasterCheckpoint.load(masters[tag])
-        rep = exporters()[fmt].export(master, path, build_parser().parse_args(cli))
+        exporter = exporters()[fmt]
+        rep = exporter.export(master, path, **exporter.options(build_parser().parse_args(cli)))
         not_exact = [t for t in rep.tensors if not t.exact]
         rt = runtime_for(path)
         if fmt == "mlx" and args.mlx_values and not key.endswith("mlx-lm"):  # the file's values in transformers on every window (module doc)

@@ -79,14 +79,11 @@ def master_cell(model_dir: Path, master_dir: Path, init: str, bits: int, args, c
 def export_cell(master_dir: Path, fmt: str, work: Path, windows) -> dict:
     """Export with the CLI's default options for `fmt` and score it in its runtime; a refusal is returned as such."""
     from converters.registry import load_all
-    from neuqi_export.cli import build_parser
     from neuqi_export.errors import UserError
-    from neuqi_export.master import MasterCheckpoint
 
     out = work / f"{master_dir.name}.{fmt}"
-    args = build_parser().parse_args(["export", str(master_dir), "--to", fmt, "-o", str(out), "--force"])
     try:
-        report = load_all()[fmt].export(MasterCheckpoint.load(master_dir), out, args)
+        report = load_all()[fmt].export(master_dir, out, overwrite=True)
     except UserError as exc:
         return {"refused": first_line(exc)}
     refit = sum(not t.exact for t in report.tensors)

@@ -25,7 +25,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tests" / "converters
 
 from gguf_fixtures import build_master, build_model, build_tokenizer, corpus  # noqa: E402
 
-from converters.gguf import export_gguf, export_original  # noqa: E402
+from converters.gguf import export_original  # noqa: E402
+from converters.registry import load_all  # noqa: E402
 from neuqi_export.errors import UserError  # noqa: E402
 from neuqi_export.master import MasterCheckpoint  # noqa: E402
 
@@ -103,6 +104,7 @@ def main(argv=None):
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     res = {}
+    exporter = load_all()["gguf"]  # every export through the registry: its record-kind check, plain keyword options
     masters = {
         "llama64-b4g32": tiny_master("llama", 64, 128, 4, 32),
         "llama256-b3g32": tiny_master("llama", 256, 512, 3, 32),
@@ -137,20 +139,20 @@ def main(argv=None):
             pre = None
             if t == "Q2_K_MIX":
                 t, pre = "Q4_1", "Q2_K"
-            record(res, f"{mname}|{t}|{pre}", lambda: export_gguf(m, work / "x.gguf", qtype=t, preset=pre))
+            record(res, f"{mname}|{t}|{pre}", lambda: exporter.export(m, work / "x.gguf", qtype=t, preset=pre))
             if pre or t.upper() != t or t in ("Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K"):
                 record(res, f"{mname}|{t}|{pre}|narrow",
-                       lambda: export_gguf(m, work / "x.gguf", qtype=t, preset=pre, narrow=True))
+                       lambda: exporter.export(m, work / "x.gguf", qtype=t, preset=pre, narrow=True))
         for ft in FLOATS:
-            record(res, f"{mname}|Q4_1|embed={ft}", lambda: export_gguf(m, work / "x.gguf", qtype="Q4_1", embed_type=ft))
-            record(res, f"{mname}|Q4_K|output={ft}", lambda: export_gguf(m, work / "x.gguf", qtype="Q4_K", output_type=ft))
+            record(res, f"{mname}|Q4_1|embed={ft}", lambda: exporter.export(m, work / "x.gguf", qtype="Q4_1", embed_type=ft))
+            record(res, f"{mname}|Q4_K|output={ft}", lambda: exporter.export(m, work / "x.gguf", qtype="Q4_K", output_type=ft))
             record(res, f"{mname}|Q4_K_M|embed={ft}",
-                   lambda: export_gguf(m, work / "x.gguf", qtype="Q4_K_M", embed_type=ft, narrow=True))
+                   lambda: exporter.export(m, work / "x.gguf", qtype="Q4_K_M", embed_type=ft, narrow=True))
         print(mname, "exported", flush=True)
     for t in ("F16", "F32"):
         record(res, f"original|llama256|{t}", lambda: export_original(model_dir("llama", 256, 512), work / "x.gguf", t))
-    record(res, "bad|Q9_9", lambda: export_gguf(masters["llama64-b4g32"], work / "x.gguf", qtype="Q9_9"))
-    record(res, "bad|embed=Q2_K", lambda: export_gguf(masters["llama64-b4g32"], work / "x.gguf", embed_type="Q2_K"))
+    record(res, "bad|Q9_9", lambda: exporter.export(masters["llama64-b4g32"], work / "x.gguf", qtype="Q9_9"))
+    record(res, "bad|embed=Q2_K", lambda: exporter.export(masters["llama64-b4g32"], work / "x.gguf", embed_type="Q2_K"))
     out_json.write_text(json.dumps(res, indent=1, sort_keys=True))
     # the lattice quantizer alone, every type
     from converters.gguf.lattice import quantize_for_type

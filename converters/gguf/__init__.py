@@ -51,7 +51,6 @@ to and from llama.cpp imatrix files.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from converters.registry import Exporter, register
 
@@ -82,30 +81,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gguf-name", default=None, help="general.name written into the GGUF (default: the model's name)")
 
 
-def export(master, out, args: argparse.Namespace):
-    """Registry entry point: export(MasterCheckpoint | path, out path, parsed args) -> ExportReport."""
-    if isinstance(master, (str, Path)):
-        from neuqi_export.master import MasterCheckpoint
-
-        master = MasterCheckpoint.load(master)
-    return export_gguf(
-        master, Path(out),
-        qtype=getattr(args, "gguf_type", None) or getattr(args, "type", None) or "Q4_1",
-        embed_type=getattr(args, "embed_type", "auto"),
-        output_type=getattr(args, "output_type", "auto"),
-        tokenizer_pre=getattr(args, "tokenizer_pre", None),
-        name=getattr(args, "gguf_name", None),
-        overwrite=bool(getattr(args, "force", False) or getattr(args, "overwrite", False)),
-        preset=getattr(args, "preset", None),
-        narrow=bool(getattr(args, "allow_narrower", False)),
-    )
+def options_from_args(args: argparse.Namespace) -> dict:
+    """export_gguf()'s keyword options from the parsed `--to gguf` CLI options (add_arguments)."""
+    return {"qtype": args.gguf_type, "embed_type": args.embed_type, "output_type": args.output_type,
+            "tokenizer_pre": args.tokenizer_pre, "name": args.gguf_name, "preset": args.preset,
+            "narrow": bool(args.allow_narrower)}
 
 
 register(Exporter(
     name="gguf",
     help="GGUF for llama.cpp: Q4_1/Q5_1 exact from the master's codes (K-quants refit)",
     add_arguments=add_arguments,
-    export=export,
+    write=export_gguf,
+    options_from_args=options_from_args,
+    accepts=("uniform", "gguf"),  # a K-quant-aware master's blocks are written unchanged (module doc)
 ))
 
-__all__ = ["export_gguf", "export_original", "export", "add_arguments"]
+__all__ = ["export_gguf", "export_original", "options_from_args", "add_arguments"]

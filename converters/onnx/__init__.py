@@ -75,23 +75,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
          help="onnx: always write weights to model.onnx.data (default: only when > 1.8 GB)")
 
 
-def export(master, out, args: argparse.Namespace):
-    return export_onnx(
-        master, out,
-        dtype=getattr(args, "onnx_dtype", None) or getattr(args, "dtype", None) or "fp32",
-        zero_point=getattr(args, "onnx_zero_point", None) or "fast",
-        accuracy_level=getattr(args, "onnx_accuracy_level", ACCURACY_LEVEL_DEFAULT),
-        overwrite=bool(getattr(args, "force", False) or getattr(args, "overwrite", False)),
-        external_data=True if getattr(args, "onnx_external_data", False) else None,
-        float_storage=float_storage.from_args(args),
-    )
+def options_from_args(args: argparse.Namespace) -> dict:
+    """export_onnx()'s keyword options from the parsed `--to onnx` CLI options (add_arguments)."""
+    return {"dtype": args.onnx_dtype, "zero_point": args.onnx_zero_point, "accuracy_level": args.onnx_accuracy_level,
+            "external_data": True if args.onnx_external_data else None, "float_storage": args.float_storage}
 
 
 register(Exporter(
     name="onnx",
     help="ONNX for onnxruntime / onnxruntime-genai: MatMulNBits linears, exact (uint8 zero points + correction)",
     add_arguments=add_arguments,
-    export=export,
+    write=export_onnx,
+    options_from_args=options_from_args,
     check=check_config,
     # convert keeps the head float: an 8-bit head is -19% file but +0.43% perplexity in onnxruntime at the default
     # accuracy_level 4 (int8 activations into the 49152-wide head; +0.07% in the master), over the 0.1% rule
@@ -99,4 +94,4 @@ register(Exporter(
     head_bits=None,
 ))
 
-__all__ = ["export_onnx", "export", "add_arguments"]
+__all__ = ["export_onnx", "options_from_args", "add_arguments"]

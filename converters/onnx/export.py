@@ -79,7 +79,7 @@ def _report(g: DecoderGraph, dtype: str, path: Path, nbytes: int) -> ExportRepor
 
 def export_onnx(master, out, dtype: str = "fp32", zero_point: str = "fast", accuracy_level: int = ACCURACY_LEVEL_DEFAULT,
                 overwrite: bool = False, external_data: bool | None = None, float_storage: str = "half") -> ExportReport:
-    out = prepare_output(master, out, overwrite, "the ONNX exporter")
+    out = prepare_output(out, overwrite)
     if out.exists() and not out.is_dir():
         raise UserError(f"output '{out}' is a file; the ONNX export writes a directory, choose another -o")
     with atomic_directory(out, overwrite=overwrite) as tmp:

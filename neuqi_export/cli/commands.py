@@ -168,7 +168,8 @@ def cmd_export(args) -> int:
     _check_output(out, args.force)
     t0 = time.perf_counter()
     master = MasterCheckpoint.load(args.source)
-    report = load_all()[args.to].export(master, out, args)
+    exporter = load_all()[args.to]
+    report = exporter.export(master, out, **exporter.options(args))
     print(report.summary())
     print(f"time: export {time.perf_counter() - t0:.1f} s")
     return 0

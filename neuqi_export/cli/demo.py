@@ -210,7 +210,6 @@ def run_demo(opts: DemoOptions, model_dir=None, calib_text: str | None = None, e
     from converters.registry import load_all as load_exporters
     from runtimes.registry import load_all as load_runtimes, runtime_for
 
-    from .parser import build_parser
     from ..data import eval_windows, read_text
     from ..master import MasterCheckpoint
     from ..pipeline import QuantizeOptions, quantize_model
@@ -254,8 +253,7 @@ def run_demo(opts: DemoOptions, model_dir=None, calib_text: str | None = None, e
         path = out / (GGUF_NAME if fmt == "gguf" else fmt)
         row = Row(fmt, "?", str(path))
         try:
-            args = build_parser().parse_args(["export", str(master_dir), "--to", fmt, "-o", str(path), "--force"])
-            report = exporters[fmt].export(master, path, args)
+            report = exporters[fmt].export(master, path, overwrite=True)  # the format's defaults
             refit = [t for t in report.tensors if not t.exact]
             row.note = f"{len(report.tensors) - len(refit)} tensors exact, {len(refit)} refit"
             if report.advice:  # the exporter's own fix, e.g. "for an exact export quantize with --init neuqi_int"

@@ -188,7 +188,7 @@ def test_registered_exporter(tiny):
     args = p.parse_args(["--type", "Q4_1", "--embed-type", "F16"])
     tmp, models = tiny
     master, _, _ = models["llama"]
-    rep = ex.export(master, tmp / "reg.gguf", args)
+    rep = ex.export(master, tmp / "reg.gguf", **ex.options(args))
     assert rep.path.is_file() and "exact" in rep.summary()
     assert {t.name: t.type for t in rep.tensors}["token_embd.weight"] == "F16"
 

@@ -308,7 +308,7 @@ def test_moe_experts_stacked_as_llamacpp_reads_them(tmp_path, mt):
             assert np.abs(got - want).max() <= 1e-3 * np.abs(want).max()  # fp16 d and m of the exact Q4_1 blocks
     assert not any(".experts." in n for n in tensors)
     f32 = tmp_path / "f32.gguf"
-    info = fm.export(md, "gguf", f32, ("--type", "F32", "--embed-type", "F32", "--output-type", "F32"))
+    info = fm.export(md, "gguf", f32, {"qtype": "F32", "embed_type": "F32", "output_type": "F32"})
     ids = fm.windows(int(master.config["vocab_size"]))
     ref = fm.reference_logits(md, ids).astype(np.float64)
     _, got = fm.runtime_logits(Path(info["path"]), ids)

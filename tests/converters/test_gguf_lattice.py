@@ -105,7 +105,7 @@ def test_pipeline_lattice_master_exports_its_blocks_unchanged(tiny_model_dir, tm
     from converters.gguf import export_gguf
     from converters.gguf.presets import linear_types, preset_plan
     from converters.gguf.writer import rope_permutation
-    from converters.mlx import export_mlx
+    from converters.registry import load_all
     from neuqi_export.master import GGUFLinear, MasterCheckpoint
     from neuqi_export.modeling import master_to_hf
     from neuqi_export.pipeline import QuantizeOptions, quantize_model
@@ -153,8 +153,8 @@ def test_pipeline_lattice_master_exports_its_blocks_unchanged(tiny_model_dir, tm
     # with it; argmax 0.90); a layout bug gives O(1)
     assert rms < 0.07 and (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.85, rms
 
-    with pytest.raises(UserError, match="GGUF block types"):
-        export_mlx(master, tmp_path / "mlx")
+    with pytest.raises(UserError, match="record kind 'gguf'.*--to mlx cannot take"):
+        load_all()["mlx"].export(master, tmp_path / "mlx")
     assert not (tmp_path / "mlx").exists()
 
 

@@ -78,5 +78,5 @@ def test_cli_convert_lattice_then_eval(q2k, capsys):
     assert "master checkpoint" in capsys.readouterr().out
     assert main(["export", str(tmp / "master"), "--to", "onnx", "-o", str(tmp / "onnx")]) == 2
     err = capsys.readouterr().err
-    assert "GGUF block types" in err and err.count("\n") == 1
+    assert "record kind 'gguf'" in err and "--to gguf" in err and err.count("\n") == 1
     assert not (tmp / "onnx").exists()

@@ -214,12 +214,12 @@ def test_cli_type_and_preset(tiny256):
     for argv, name, want_v in ((["--type", "Q3_K_M"], "cli-a.gguf", "Q5_K"), (["--type", "Q2_K"], "cli-b.gguf", "Q2_K"),
                                (["--preset", "Q2_K"], "cli-c.gguf", "Q3_K")):
         master = masters[3] if "Q3_K_M" in argv else masters[2]
-        rep = cg.export(master, tmp / name, p.parse_args(argv))
+        rep = cg.export_gguf(master, tmp / name, **cg.options_from_args(p.parse_args(argv)))
         types = {t.name: t.type for t in rep.tensors}
         assert types["blk.0.attn_v.weight"] == want_v, (argv, types["blk.0.attn_v.weight"])
     with pytest.raises(UserError, match="--allow-narrower"):
-        cg.export(masters[4], tmp / "cli-d.gguf", p.parse_args(["--preset", "Q2_K"]))
-    rep = cg.export(masters[4], tmp / "cli-d.gguf", p.parse_args(["--preset", "Q2_K", "--allow-narrower"]))
+        cg.export_gguf(masters[4], tmp / "cli-d.gguf", **cg.options_from_args(p.parse_args(["--preset", "Q2_K"])))
+    rep = cg.export_gguf(masters[4], tmp / "cli-d.gguf", **cg.options_from_args(p.parse_args(["--preset", "Q2_K", "--allow-narrower"])))
     assert {t.name: t.type for t in rep.tensors}["blk.0.attn_q.weight"] == "Q2_K"
 
 

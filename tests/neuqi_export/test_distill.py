@@ -180,7 +180,6 @@ def test_cli_distill_writes_a_master_and_reports_errors_in_one_line(llama_master
 def test_a_distilled_master_goes_through_every_exporter_unchanged(llama_master, tiny_llama_dir, tmp_path, calib):
     """The output is an ordinary master: each registered format exports it and scores like it in its runtime."""
     from converters.registry import load_all as exporters
-    from neuqi_export.cli import build_parser
     from neuqi_export.evaluate import window_nll
     from runtimes.registry import runtime_for
 
@@ -192,7 +191,7 @@ def test_a_distilled_master_goes_through_every_exporter_unchanged(llama_master, 
         want = float(window_nll(master_to_hf(master)(ids).logits.numpy(), ids).mean())
     for fmt, exporter in exporters().items():
         path = tmp_path / ("m.gguf" if fmt == "gguf" else fmt)
-        exporter.export(master, path, build_parser().parse_args(["export", str(d), "--to", fmt, "-o", str(path)]))
+        exporter.export(master, path)
         got = float(window_nll(runtime_for(path).load(path).logits(ids.numpy()), ids).mean())
         assert abs(got / want - 1) < 0.03, (fmt, got, want)
 
