@@ -123,19 +123,6 @@ def _rope_fields(cfg: dict) -> dict:
     return {"rope_theta": cfg.get("rope_theta", 10000.0), "rope_scaling": cfg.get("rope_scaling")}
 
 
-def _tied(cfg: dict) -> bool:
-    """tie_word_embeddings as transformers resolves it for this config (what master_to_hf uses)."""
-    if "tie_word_embeddings" in cfg:
-        return bool(cfg["tie_word_embeddings"])
-    try:
-        from transformers import AutoConfig
-
-        c = {k: v for k, v in cfg.items() if k != "quantization_config"}
-        return bool(getattr(AutoConfig.for_model(**c), "tie_word_embeddings", False))
-    except Exception:
-        return False
-
-
 def check_family(cfg: dict) -> None:
     """UserError, before any output, for a model mlx-lm cannot run as transformers does (no model type for the
     family, sliding windows or soft-caps its code for the family does not apply, a layer pattern it cannot express)."""
@@ -264,7 +251,7 @@ def mlx_config(master, quant: dict) -> dict:
     cfg["model_type"] = fam.mlx_type
     cfg.update(_pattern_fields(cfg, fam) if fam.mlx_window_pattern else _rope_fields(cfg))
     cfg.pop("rope_parameters", None)
-    cfg["tie_word_embeddings"] = _tied(master.config)
+    cfg["tie_word_embeddings"] = master.head_is_embedding
     cfg["quantization"] = quant
     cfg["quantization_config"] = dict(quant)  # mlx-lm writes both; neither carries a quant_method
     return cfg

@@ -159,6 +159,12 @@ class MasterCheckpoint:
         kind = self.linears.kind(HEAD) if hasattr(self.linears, "kind") else type(self.linears[HEAD])
         return kind is QuantizedLinear
 
+    @property
+    def head_is_embedding(self) -> bool:
+        """The output head is the embedding table: tied in the config, or no head stored (float or quantized)."""
+        return bool(self.config.get("tie_word_embeddings", False)) or (
+            "lm_head.weight" not in self.tensors and HEAD not in self.linears)
+
     def require_uniform(self, what: str) -> None:
         """UserError when a linear is held in a GGUF block type (only the GGUF exporter can take those)."""
         typed = [n for n, lin in self.linears.items() if isinstance(lin, GGUFLinear)]

@@ -169,7 +169,7 @@ def export_gguf(master, out, qtype: str = "Q4_1", embed_type: str = "auto", outp
     plan = None
     if preset is not None:
         preset = _presets._check_preset(preset)
-        plan = _presets.preset_plan(preset, master.config, tied=_is_tied(master))
+        plan = _presets.preset_plan(preset, master.config, tied=master.head_is_embedding)
         qtype = _presets.BASE[preset] if _presets.BASE[preset] in SINGLE_TYPES else "Q4_1"
     if qtype not in SINGLE_TYPES:
         raise UserError(f"--type {qtype} is not supported for GGUF; use one of {', '.join(SINGLE_TYPES)}")
@@ -204,7 +204,7 @@ def export_gguf(master, out, qtype: str = "Q4_1", embed_type: str = "auto", outp
     embed_name, head_name = f"{fam.embed}.weight", f"{fam.head}.weight"
     if embed_name not in master.tensors:
         raise UserError(f"the master checkpoint lacks {embed_name}; re-run quantize")
-    tied = _is_tied(master)
+    tied = master.head_is_embedding
     _arch.check_head(fam, tied)
     # the head is read at its turn (the last tensor); tied: llama.cpp reuses token_embd
     head_name = head_name if head_name in master.tensors and not config.get("tie_word_embeddings", False) else None
@@ -345,12 +345,6 @@ def export_original(model_dir, out, qtype: str = "F16", overwrite: bool = False)
     from neuqi_export.modeling import float_master
 
     return export_gguf(float_master(model_dir), out, qtype=qtype, embed_type=qtype, output_type=qtype, overwrite=overwrite)
-
-
-def _is_tied(master) -> bool:
-    """The output head is token_embd: tied in the config, or no head stored (float or quantized)."""
-    return bool(master.config.get("tie_word_embeddings", False)) or (
-        "lm_head.weight" not in master.tensors and HEAD not in master.linears)
 
 
 def _layer_key(name: str):

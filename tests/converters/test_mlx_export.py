@@ -124,6 +124,19 @@ def test_tiny_config_and_mlx_lm_load(tiny_exports):
         assert tokenizer.encode("hello world")
 
 
+def test_tying_without_the_config_field_comes_from_the_master(tiny_exports):
+    """A config without tie_word_embeddings: tied exactly when the master stores no head (no transformers asked)."""
+    import copy
+
+    from converters.mlx import mlx_config
+
+    exports, _ = tiny_exports
+    for arch, (_, master, _) in exports.items():
+        m = copy.copy(master)
+        m.config = {k: v for k, v in master.config.items() if k != "tie_word_embeddings"}
+        assert mlx_config(m, {})["tie_word_embeddings"] is (arch == "llama") is ("lm_head.weight" not in m.tensors)
+
+
 def test_generate_matches_transformers(tiny_exports):
     from neuqi_export.modeling import master_to_hf
     from runtimes.mlx import load
