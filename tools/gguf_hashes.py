@@ -8,6 +8,8 @@ comes from them); the masters (uniform 2/3/4/5/8-bit from tests/converters/gguf_
 GGUF type's lattice and with a quantized head) are rebuilt each run and their file hashes recorded too, as are the
 lattice quantizer's output for every type, the refusals' messages and the CLI's GGUF policy (cli.gguf_policy: gguf_fit,
 lattice_types). Issue 18 item 2: 532 files and 841 entries, identical before and after one row per type.
+Exports go through the registry (load_all()['gguf'].export(master, out, **options)); plain options (issue 18
+item 3): the same 841 entries as main.
 """
 import hashlib
 import json
