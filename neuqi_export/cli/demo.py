@@ -22,7 +22,21 @@ from ..errors import UserError
 from ..master import EMBED
 
 GGUF_NAME = "model.gguf"
-REFERENCE_ROWS = ("original (fp32)", "master (exact)")  # always scored on every window
+REFERENCE_ROWS = ("original (fp32)", "master (exact)")  # always scored on every window (as is every "master (...)")
+BASE_PLAN = ("neuqi", None)  # (init, lm_head_bits) of the reference master
+
+
+def _master_name(init: str, head_bits: int | None) -> str:
+    """The directory of the master quantized with (init, head_bits) inside the demo's output."""
+    return "master" if (init, head_bits) == BASE_PLAN else f"master-{init}" + (f"-head{head_bits}" if head_bits else "")
+
+
+def _plan_label(init: str, head_bits: int | None) -> str:
+    return f"--init {init}" + (f" --lm-head-bits {head_bits}" if head_bits else "")
+
+
+def _is_reference(fmt: str) -> bool:
+    return fmt in REFERENCE_ROWS or fmt.startswith("master (")
 
 
 @dataclass
@@ -184,7 +198,9 @@ def write_report(result: DemoResult, out: Path, command: str) -> Path:
         "",
         "bits/weight = 8 × (bytes of the weight files) ÷ (model parameters, embeddings included); tokens/s (scoring) = "
         f"window tokens ÷ scoring time, batch 1; tokens/s (decode) = {s['decode_tokens']} greedy tokens after a 64-token "
-        "prompt through the runtime's KV cache. Every export uses its exporter's default settings. Each export is "
+        "prompt through the runtime's KV cache. Every export uses its exporter's default settings, from the master "
+        "`convert --to FMT` quantizes for it (compressed-tensors: integer zero-points; MLX: an 8-bit head), each such "
+        "master scored as a row of its own. Each export is "
         f"scored for at most {s.get('score_budget_s', 0):.0f} s: a slower runtime is scored on the leading windows only "
         "(its note gives the master's perplexity on the same windows).",
         "",
@@ -232,30 +248,45 @@ def run_demo(opts: DemoOptions, model_dir=None, calib_text: str | None = None, e
         eval_text = eval_text if eval_text is not None else read_text(assets.eval_text)
     model_dir = Path(model_dir)
     out.mkdir(parents=True, exist_ok=True)
-    qopts = QuantizeOptions(bits=opts.bits, group_size=opts.group_size, init="neuqi", gptq=True,
-                            nsamples=opts.nsamples, seqlen=opts.seqlen)
     print(f"demo: {model_dir.name}, {opts.bits}-bit g{opts.group_size} NeUQI + GPTQ; small sets for speed: calibration "
           f"{opts.nsamples} windows × {opts.seqlen} tokens, evaluation {opts.eval_windows} windows × {opts.seqlen} "
           f"tokens; formats: {', '.join(formats)}", flush=True)
-    master_dir = out / "master"
-    summary = quantize_model(model_dir, master_dir, qopts, calib_text=calib_text, force=True, progress=opts.progress)
-    print(summary, flush=True)
-    master = MasterCheckpoint.load(master_dir)
-    n_params = _n_params(master)
+    # each format gets the master `convert --to FMT` would quantize for it (Exporter.init / head_bits: compressed-tensors
+    # integer zero-points, MLX an 8-bit head); the first, NeUQI with a float head, is the reference "master (exact)"
+    wants = {fmt: (exporters[fmt].init, exporters[fmt].head_bits) for fmt in formats}
+    plans = [BASE_PLAN] + sorted({w for w in wants.values() if w != BASE_PLAN}, key=str)
+    masters, q_seconds = {}, 0.0
+    for init, head_bits in plans:
+        mdir = out / _master_name(init, head_bits)
+        qopts = QuantizeOptions(bits=opts.bits, group_size=opts.group_size, init=init, gptq=True,
+                                nsamples=opts.nsamples, seqlen=opts.seqlen, lm_head_bits=head_bits)
+        summary = quantize_model(model_dir, mdir, qopts, calib_text=calib_text, force=True, progress=opts.progress)
+        print(summary, flush=True)
+        q_seconds += summary.seconds
+        masters[(init, head_bits)] = MasterCheckpoint.load(mdir)
+    master_dir = out / _master_name(*BASE_PLAN)
+    n_params = _n_params(masters[BASE_PLAN])
     tok = AutoTokenizer.from_pretrained(str(master_dir))
     windows = eval_windows(tok, eval_text, opts.seqlen, max_windows=opts.eval_windows)
     runtimes = load_runtimes()
 
     rows = [Row("original (fp32)", "transformers", str(model_dir), note="the unquantized model"),
             Row("master (exact)", "transformers", str(master_dir), note="NeUQI master, dequantized")]
+    rows += [Row(f"master ({_plan_label(*plan)})", "transformers", str(out / _master_name(*plan)),
+                 note=f"the master `convert --to {', '.join(f for f, w in wants.items() if w == plan)}` quantizes")
+             for plan in plans[1:]]
+    reference = {fmt: next(i for i, r in enumerate(rows) if r.path == str(out / _master_name(*wants[fmt])))
+                 for fmt in formats}
     t_export = time.time()
     for fmt in formats:
         path = out / (GGUF_NAME if fmt == "gguf" else fmt)
         row = Row(fmt, "?", str(path))
         try:
-            report = exporters[fmt].export(master, path, overwrite=True)  # the format's defaults
+            report = exporters[fmt].export(masters[wants[fmt]], path, overwrite=True)  # the format's defaults
             refit = [t for t in report.tensors if not t.exact]
             row.note = f"{len(report.tensors) - len(refit)} tensors exact, {len(refit)} refit"
+            if wants[fmt] != BASE_PLAN:
+                row.note = f"from master ({_plan_label(*wants[fmt])}); " + row.note
             if report.advice:  # the exporter's own fix, e.g. "for an exact export quantize with --init neuqi_int"
                 row.note += f" ({report.advice.rsplit(';', 1)[-1].strip()})"
             rt = runtime_for(path)
@@ -272,11 +303,12 @@ def run_demo(opts: DemoOptions, model_dir=None, calib_text: str | None = None, e
             if rt is None:
                 raise UserError(f"no runtime loads {row.path}")
             print(f"scoring {row.format} in {row.runtime} ...", flush=True)
-            budget = None if row.format in REFERENCE_ROWS else opts.score_budget_s
+            budget = None if _is_reference(row.format) else opts.score_budget_s
             row.__dict__.update(score(rt, Path(row.path), windows, opts.decode_tokens, opts.progress, budget))
-            if row.windows < windows.shape[0] and rows[1].nll:
-                row.note += (f"; time budget: scored the first {row.windows}/{windows.shape[0]} windows, master on "
-                             f"those {ppl_of(rows[1].nll, windows.shape[1], row.windows):.2f}")
+            ref = rows[reference.get(row.format, 1)]
+            if row.windows < windows.shape[0] and ref.nll:
+                row.note += (f"; time budget: scored the first {row.windows}/{windows.shape[0]} windows, its master on "
+                             f"those {ppl_of(ref.nll, windows.shape[1], row.windows):.2f}")
             row.bytes = _weights_size(Path(row.path))
             row.bits_per_weight = 8 * row.bytes / n_params
         except Exception as exc:
@@ -287,7 +319,8 @@ def run_demo(opts: DemoOptions, model_dir=None, calib_text: str | None = None, e
         f", CUDA {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "")
     settings = {**asdict(opts), "out": str(out), "model": model_dir.name, "eval_windows": int(windows.shape[0]),
                 "eval_tokens": int(windows.shape[0] * (windows.shape[1] - 1)), "n_params": n_params,
-                "quantize_seconds": summary.seconds, "export_seconds": t_export, "score_seconds": t_score,
+                "quantize_seconds": q_seconds, "masters": [_plan_label(*p) for p in plans],
+                "export_seconds": t_export, "score_seconds": t_score,
                 "machine": f"{platform.machine()}, {threads}, load average {load0:.1f} at start"}
     result = DemoResult(rows=rows, settings=settings, seconds=time.time() - t0)
     title = (f"{model_dir.name} {opts.bits}-bit g{opts.group_size} NeUQI+GPTQ "
@@ -299,6 +332,6 @@ def run_demo(opts: DemoOptions, model_dir=None, calib_text: str | None = None, e
                                                   "rows": [asdict(r) for r in rows]}, indent=2, default=str))
     print(format_table(rows))
     print(f"calibration {opts.nsamples}×{opts.seqlen} tokens, evaluation {windows.shape[0]}×{opts.seqlen} tokens; "
-          f"wall time {result.seconds / 60:.1f} min (quantize {summary.seconds:.0f} s, export {t_export:.0f} s, "
+          f"wall time {result.seconds / 60:.1f} min (quantize {q_seconds:.0f} s, export {t_export:.0f} s, "
           f"scoring {t_score:.0f} s); wrote {out / 'REPORT.md'} and {out / 'demo.png'}")
     return result

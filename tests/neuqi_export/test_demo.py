@@ -24,16 +24,23 @@ def test_demo_on_a_tiny_model_scores_every_format(tiny_llama_dir, texts, tmp_pat
     res = run_demo(opts, model_dir=tiny_llama_dir, calib_text=texts[0], eval_text=texts[1])
     formats = sorted(load_all())
     assert {"gguf", "onnx", "mlx", "compressed-tensors"} <= set(formats)
-    assert [r.format for r in res.rows] == ["original (fp32)", "master (exact)", *formats]
+    # the formats whose `convert` quantizes otherwise get their own master (MLX: an 8-bit head; compressed-tensors:
+    # integer zero-points), each scored as a row
+    own = {"mlx": "master (--init neuqi --lm-head-bits 8)", "compressed-tensors": "master (--init neuqi_int)"}
+    assert [r.format for r in res.rows] == ["original (fp32)", "master (exact)", *sorted(own.values()), *formats]
     by = {r.format: r for r in res.rows}
     assert not [r.error for r in res.rows if r.error]
     assert by["gguf"].runtime == "llamacpp" and by["onnx"].runtime == "onnxruntime" and by["mlx"].runtime == "mlx"
     for r in res.rows:
         assert math.isfinite(r.ppl) and r.score_tps > 0 and r.decode_tps > 0 and r.bytes > 0
     assert 30 < by["original (fp32)"].bits_per_weight < 34 and all(r.windows == 2 for r in res.rows)
-    master_ppl = by["master (exact)"].ppl
-    for f in formats:  # every export is the master up to its storage / activation precision
+    for f in formats:  # every export is its master up to its storage / activation precision
+        master_ppl = by[own.get(f, "master (exact)")].ppl
         assert abs(by[f].ppl / master_ppl - 1) < 0.05, f
+    ct, ct_master = by["compressed-tensors"], by[own["compressed-tensors"]]
+    # exact: every linear holds its master's values (the one refit is the embedding, stored in half precision)
+    assert abs(ct.ppl / ct_master.ppl - 1) < 1e-4 and "14 tensors exact, 1 refit" in ct.note
+    assert by[own["mlx"]].bytes < by["master (exact)"].bytes  # the 8-bit head is smaller than the float one
     out = capsys.readouterr().out
     assert "calibration 2×64 tokens, evaluation 2×64 tokens" in out and "| gguf | llamacpp |" in out
     report = (tmp_path / "demo" / "REPORT.md").read_text()
