@@ -188,7 +188,8 @@ def refit_integer_zero(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, ze
 # ---------------------------------------------------------------------------------------------- export
 
 def _linear_modules(cfg: dict) -> list[str] | None:
-    """Names of every nn.Linear in the transformers model of this config (built on the meta device)."""
+    """Names of every nn.Linear in the transformers model of this config (built on the meta device): for masters
+    written before quantize recorded them (MasterCheckpoint.linear_modules)."""
     try:
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -295,7 +296,7 @@ def export_compressed_tensors(master, out, scale_dtype: str = "fp32", refit: str
                                         note=f"rounded to {_DT[half]} (--float-storage exact keeps it exact)"))
     tensors.update(fuse_state_dict({f"{n}.weight": w for n, w in experts_float.items()}))
 
-    all_linear = _linear_modules(master.config)
+    all_linear = master.linear_modules or _linear_modules(master.config)  # older masters: ask transformers
     groups = {}
     if len(schemes) == 1 and all_linear is not None:
         (bits, g), names = next(iter(schemes.items()))

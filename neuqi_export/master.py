@@ -150,6 +150,12 @@ class MasterCheckpoint:
         return self.config["quantization_config"]
 
     @property
+    def linear_modules(self) -> list[str] | None:
+        """Names of every nn.Linear of the transformers model, in its module order, as quantize recorded them
+        (None for a master written before they were recorded)."""
+        return self.config.get("quantization_config", {}).get("linear_modules")
+
+    @property
     def head_shares_embedding(self) -> bool:
         """True when the output head is quantized and tied: the embedding table is that one quantized matrix, not
         written; load() puts its dequantized copy in `tensors`."""

@@ -340,6 +340,8 @@ def quantize_model(model_dir, out, opts: QuantizeOptions, calib_text: str | None
             "imatrix": Path(opts.imatrix).name if opts.imatrix else None, "gguf_lattice": bool(opts.gguf_types)}
     if head:
         qcfg["lm_head"] = {"bits": opts.lm_head_bits, "tied_embedding": tied}
+    # what an exporter needs of transformers' module tree (compressed-tensors' ignore list), so export builds no model
+    qcfg["linear_modules"] = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     with atomic_directory(out, overwrite=force) as tmp:  # the timing file too: a killed run leaves all or nothing
         with timer.stage("write"):
             assemble(tmp, partial, n_shards, head, rest, {**config, "quantization_config": {**qcfg, "modules": modules}},
