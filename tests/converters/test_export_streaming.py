@@ -1,6 +1,7 @@
 """Exports in bounded memory (issue 21, items 3 and 6): the GGUF writer holds one packed tensor at a time (the rest
-parked in a spill file beside the output), so its Python-heap peak does not grow with the depth of the model; a
-damaged master or a full disk ends in one line with nothing under the final name and no temporaries left.
+parked in a spill file beside the output), so its Python-heap peak does not grow with the depth of the model; the ONNX
+graph keeps no large initializer in memory (each is appended to the external data file as it is made); a damaged
+master or a full disk ends in one line with nothing under the final name and no temporaries left.
 
 The peaks are tracemalloc's (numpy registers its buffers with it; the spill's memory maps and torch's storages are
 not counted, and the lazy master's tensors are read from its shards one at a time).
@@ -130,3 +131,44 @@ def test_damaged_master_shard_is_one_line_naming_it(masters, tmp_path, damage):
     msg = str(e.value)
     assert str(shard) in msg and "\n" not in msg and damage in msg
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_onnx_export_holds_no_large_initializer_in_the_graph(masters, tmp_path):
+    """Every large initializer's bytes go to the external data file as the graph is built (builder.ExternalData), so
+    the in-memory graph keeps only the small ones, whatever the depth; the file equals the parked bytes."""
+    from converters.onnx.builder import SIZE_THRESHOLD, ExternalData
+    from converters.onnx.export import build_model
+
+    held = {}
+    for n, d in masters.items():
+        sink = ExternalData(tmp_path / f"{n}.data", f"{n}.data")
+        try:
+            model, _ = build_model(MasterCheckpoint.load(d), sink=sink)
+        finally:
+            sink.close()
+        inits = list(model.graph.initializer)
+        held[n] = sum(len(t.raw_data) for t in inits)
+        assert sink.count > 6 * n and all(len(t.raw_data) < SIZE_THRESHOLD for t in inits)
+        assert (tmp_path / f"{n}.data").stat().st_size > 50 * held[n]  # the weights are in the file, not the graph
+
+
+def test_onnx_full_disk_leaves_nothing(masters, tmp_path, monkeypatch, capsys):
+    from converters.onnx.builder import ExternalData
+
+    park = ExternalData.park
+    calls = {"n": 0}
+
+    def full(self, tensor):  # some initializers written, then the disk fills up
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return park(self, tensor)
+
+    monkeypatch.setattr(ExternalData, "park", full)
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(masters[2]), "--to", "onnx", "-o", str(out)]) == 2
+    assert "no space left" in capsys.readouterr().err.lower()
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(ExternalData, "park", park)
+    assert main(["export", str(masters[2]), "--to", "onnx", "-o", str(out)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
