@@ -178,7 +178,10 @@ def gemma_dir() -> Path:
     return fetch_gemma()
 
 
-GEMMA_QUANT = dict(bits=4, group_size=128, gptq=True, nsamples=4, seqlen=256)
+# 8 x 512 = 4096 calibration tokens, twice down_proj's 2048 inputs: with fewer (4 x 256) its H is rank-deficient and
+# GPTQ's result depends on the CPU's rounding (122.31 on Intel Xeon, 112.02 on AMD EPYC from the same code and
+# bytes-identical inputs); with a full-rank H it is stable (tests/neuqi_export/test_gemma_real.py)
+GEMMA_QUANT = dict(bits=4, group_size=128, gptq=True, nsamples=8, seqlen=512)
 GEMMA_EVAL = dict(seqlen=256, max_windows=4)
 
 
@@ -195,8 +198,8 @@ def gemma_eval_windows(gemma_dir, real_assets):
 
 @pytest.fixture(scope="session")
 def gemma_master(tmp_path_factory, gemma_dir, real_assets):
-    """get(init) -> Gemma-3-270M quantized by the real pipeline (4-bit g128, `init` + GPTQ, 4 x 256 calibration
-    tokens of the fetched Wikipedia leads); each made once, on first use."""
+    """get(init) -> Gemma-3-270M quantized by the real pipeline (GEMMA_QUANT: 4-bit g128, `init` + GPTQ, 8 x 512
+    calibration tokens of the fetched Wikipedia leads); each made once, on first use."""
     from neuqi_export.data import read_text
     from neuqi_export.pipeline import QuantizeOptions, quantize_model
 

@@ -14,16 +14,14 @@ from neuqi_export.modeling import load_hf_model, master_to_hf
 pytestmark = pytest.mark.integration
 
 # Measured on this project's 2-core CPU box (GEMMA_EVAL: 4 windows x 256 tokens of eval.txt in Gemma's tokenizer;
-# GEMMA_QUANT: 4-bit g128 NeUQI + GPTQ on 4 x 256 calibration tokens): see the asserts' comments.
+# GEMMA_QUANT: 4-bit g128 NeUQI + GPTQ on 8 x 512 calibration tokens): see the asserts' comments.
 FP_PPL = 94.231314  # measured twice (perplexity_hf, 1 and 2 processes busy beside it): 94.23131373551286
-# 4-bit g128 NeUQI + GPTQ master, dequantized in transformers: 122.311053116049 (x1.298 of fp32), the same to the
-# last digit from a continuous run, a run SIGKILLed after 12 blocks and resumed, and a run with replay off
-# (2026-12-04). The earlier pin (109.49) came from an older pipeline whose cause of difference could not be recovered;
-# the present path was checked: its block-by-block calibration forward equals transformers' hidden states (max abs
-# 0.22 on values of 1e5), an 8-bit master scores 94.73. GPTQ is worse than plain NeUQI here (104.55 without it):
-# 4 x 256 calibration tokens are fewer than down_proj's 2048 inputs (its H is rank-deficient), the likely reason.
+# 4-bit g128 NeUQI + GPTQ master, dequantized in transformers: 104.234749 (x1.106 of fp32), the same with 1 and 2
+# torch threads (AMD EPYC, 2026-12-04). History: on 4 x 256 calibration tokens (fewer than down_proj's 2048 inputs,
+# a rank-deficient H) GPTQ's result depended on the CPU: 122.31 on the Intel boxes, 112.02 on this AMD one, from
+# byte-identical code and inputs; plain NeUQI there scored 104.55; hence the 8 x 512 calibration now.
 # rel 3%: rounding near-ties may flip on another platform; a regression of the pipeline moves it by more.
-MASTER_PPL = 122.311053
+MASTER_PPL = 104.234749
 
 
 def _logits_rel(got: np.ndarray, ref: np.ndarray) -> float:
