@@ -53,7 +53,8 @@ def test_gemma_gguf_runs_in_llamacpp_as_the_master(gemma_master, gemma_eval_wind
     """The exact Q4_1 file holds the master's weights bit for bit, but llama.cpp multiplies Q4_1 weights with
     activations it rounds to Q8_1 per 32 values, and Gemma-3's activations have outliers: measured on a 4-bit
     g128 minmax master of Gemma-3-270M, logits max rel 0.29 (mean 0.04) against the master in float, perplexity
-    +0.37% (168.46 -> 169.09, 8 x 256 tokens); on this test's NeUQI + GPTQ master +1.7% (122.31 -> 124.39, 4 x 256).
+    +0.37% (168.46 -> 169.09, 8 x 256 tokens); on this test's former NeUQI + GPTQ master +1.7% (122.31 -> 124.39, 4 x 256 calibration tokens; the fixture now
+    uses 8 x 512).
     So the architecture is checked on the F16 export (no activation rounding: max rel 0.0046 measured) and the exact
     file by its perplexity, within 3%."""
     from neuqi_export.evaluate import perplexity_from_logits_fn, perplexity_hf
