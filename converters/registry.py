@@ -95,11 +95,9 @@ def load_all() -> dict[str, Exporter]:
 def record_kinds(master) -> dict[str, list[str]]:
     """{record kind: names of the master's linears of that kind}, read from the records' classes (a lazily loaded
     master's linears are not read)."""
-    linears = master.linears
     kinds: dict[str, list[str]] = {}
-    for name in linears:
-        cls = linears.kind(name) if hasattr(linears, "kind") else type(linears[name])
-        kinds.setdefault(cls.kind, []).append(name)
+    for name in master.linears:
+        kinds.setdefault(master.record_class(name).kind, []).append(name)
     return kinds
 
 

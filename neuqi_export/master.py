@@ -162,8 +162,11 @@ class MasterCheckpoint:
         if not self.config.get("quantization_config", {}).get("lm_head", {}).get("tied_embedding") \
                 or HEAD not in self.linears:
             return False
-        kind = self.linears.kind(HEAD) if hasattr(self.linears, "kind") else type(self.linears[HEAD])
-        return kind is QuantizedLinear
+        return self.record_class(HEAD) is QuantizedLinear
+
+    def record_class(self, name: str) -> type:
+        """The record class of linear `name` (a lazily loaded master's linear is not read to tell)."""
+        return self.linears.kind(name) if hasattr(self.linears, "kind") else type(self.linears[name])
 
     @property
     def head_is_embedding(self) -> bool:
