@@ -216,6 +216,57 @@ def _ct_version() -> str:
         return "0.18.0"
 
 
+def _linear(tensors: dict, reports: list, schemes: dict, dense: list, name: str, lin, head_tied: bool, shared: dict,
+            float_storage: str, half, sdt, refit: str) -> None:
+    """Linear `name` into `tensors` as pack-quantized weight_packed / weight_scale / weight_zero_point / weight_shape
+    (refit to integer zero-points per `refit`), or dense where no group size fits (or the head); its report into
+    `reports`, its name into `schemes[(bits, group)]` or `dense`."""
+    from neuqi_export.quant.grid import expand_groups
+
+    lin.validate(name)
+    head_note = "transformers' compressed-tensors loader leaves lm_head unquantized (its packed weights would be dropped)"
+    out_f, inp = lin.shape
+    if name == HEAD and head_tied:  # tied: the embedding written below holds its values
+        reports.append(TensorReport(name, "tied embedding", True, note=head_note))
+        return
+    g = shared[lin.bits] if ct_group_size(inp, lin.group_size) is not None else None
+    if g is None or name == HEAD:
+        tensors[f"{name}.weight"], ok = store(lin.dequantize(), float_storage, half)
+        dense.append(name)
+        why = head_note if name == HEAD else f"in={inp}, group {lin.group_size}: no group size 32/64/128 fits"
+        reports.append(TensorReport(name, f"{_DT[tensors[f'{name}.weight'].dtype]} (dense)", ok, note=why))
+        return
+    # the master's weights in float64 (so an integer-zero master refits with exactly zero added error)
+    w = (expand_groups(lin.scale.double(), inp, lin.effective_group_size)
+         * (lin.codes.double() - expand_groups(lin.zero.double(), inp, lin.effective_group_size)))
+    geff = inp if g == -1 else g
+    # master parameters re-expressed on the export's groups (exact before the integer refit)
+    cols = torch.arange(0, inp, geff)
+    scale = expand_groups(lin.scale.float(), inp, lin.effective_group_size)[:, cols]
+    zero = expand_groups(lin.zero.float(), inp, lin.effective_group_size)[:, cols]
+    h = lin.hdiag.float() if lin.hdiag is not None else torch.ones(inp)
+    if refit == "none":
+        if not torch.equal(zero, torch.round(zero)):
+            raise UserError(f"{name}: the master's zero-points are not integers and --ct-refit none was given; use --ct-refit diag")
+        codes, s, z = lin.codes, scale.to(sdt), zero.long()
+    else:
+        codes, s, z = refit_integer_zero(w, h, scale, zero, lin.bits, geff, method=refit, scale_dtype=sdt)
+    off = 1 << (lin.bits - 1)
+    tensors[f"{name}.weight_packed"] = torch.from_numpy(pack_int32(codes.numpy().astype(np.int16) - off, lin.bits))
+    tensors[f"{name}.weight_scale"] = s.contiguous()
+    tensors[f"{name}.weight_zero_point"] = torch.from_numpy(pack_int32(z.numpy() - off, lin.bits, packed_dim=0))
+    tensors[f"{name}.weight_shape"] = torch.tensor([out_f, inp], dtype=torch.int64)
+    w2 = s.double().repeat_interleave(geff, 1) * (codes.double() - z.double().repeat_interleave(geff, 1))
+    hh = h.double()[None]
+    added = float((hh * (w2 - w) ** 2).sum() / (hh * w ** 2).sum().clamp_min(1e-300))
+    note = f"groups of {geff}" if geff != lin.effective_group_size else ""
+    if 32 % lin.bits:
+        note = (note + "; " if note else "") + f"{lin.bits}-bit packing needs compressed-tensors >= 0.18"
+    reports.append(TensorReport(name, f"int{lin.bits}-asym-{'channel' if g == -1 else f'g{g}'}", added == 0.0,
+                                added_error=added, note=note))
+    schemes.setdefault((lin.bits, g), []).append(name)
+
+
 def export_compressed_tensors(master, out, scale_dtype: str = "fp32", refit: str = "diag",
                               overwrite: bool = False, float_storage: str = "half",
                               max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE) -> ExportReport:
@@ -223,15 +274,12 @@ def export_compressed_tensors(master, out, scale_dtype: str = "fp32", refit: str
     the float tensors (embedding, float head, norms, dense linears) in the model's dtype (half, default; exact
     for a bf16 checkpoint's own weights), half only where lossless (exact), or fp32; weight_scale follows
     `scale_dtype` (fp32 default: an integer-zero-point master's scales exactly)."""
-    from neuqi_export.quant.grid import expand_groups
-
     choose(float_storage, dict.fromkeys(FLOAT_STORAGE), "--float-storage")
     half = half_dtype(master.config, master.tensors)
     sdt = choose(scale_dtype, SCALE_DTYPES, "--ct-scale-dtype")
     choose(refit, dict.fromkeys(REFITS), "--ct-refit")
     out = prepare_output(out, overwrite)
 
-    tensors: dict[str, torch.Tensor] = {}
     reports: list[TensorReport] = []
     schemes: dict[tuple[int, int], list[str]] = {}
     dense: list[str] = []
@@ -240,81 +288,52 @@ def export_compressed_tensors(master, out, scale_dtype: str = "fp32", refit: str
         fits = [(lin.shape[1], lin.group_size) for n, lin in master.linears.items()
                 if lin.bits == bits and ct_group_size(lin.shape[1], lin.group_size) is not None and n != HEAD]
         shared[bits] = shared_group_size(fits) if fits else None
-    head_note = "transformers' compressed-tensors loader leaves lm_head unquantized (its packed weights would be dropped)"
     fam = family_for(master.config)
-    experts_float: dict[str, torch.Tensor] = {}
-    for name, lin in master.linears.items():
-        lin.validate(name)
-        if is_expert(fam, name):  # float, fused as transformers 5 holds them (EXPERTS_NOTE)
-            experts_float[name], ok = store(lin.dequantize(), float_storage, half)
-            reports.append(TensorReport(name, f"{_DT[experts_float[name].dtype]} (dense)", ok, note=EXPERTS_NOTE))
-            continue
-        out_f, inp = lin.shape
-        if name == HEAD and master.head_shares_embedding:  # tied: the embedding written below holds its values
-            reports.append(TensorReport(name, "tied embedding", True, note=head_note))
-            continue
-        g = shared[lin.bits] if ct_group_size(inp, lin.group_size) is not None else None
-        if g is None or name == HEAD:
-            tensors[f"{name}.weight"], ok = store(lin.dequantize(), float_storage, half)
-            dense.append(name)
-            why = head_note if name == HEAD else f"in={inp}, group {lin.group_size}: no group size 32/64/128 fits"
-            reports.append(TensorReport(name, f"{_DT[tensors[f'{name}.weight'].dtype]} (dense)", ok, note=why))
-            continue
-        # the master's weights in float64 (so an integer-zero master refits with exactly zero added error)
-        w = (expand_groups(lin.scale.double(), inp, lin.effective_group_size)
-             * (lin.codes.double() - expand_groups(lin.zero.double(), inp, lin.effective_group_size)))
-        geff = inp if g == -1 else g
-        # master parameters re-expressed on the export's groups (exact before the integer refit)
-        cols = torch.arange(0, inp, geff)
-        scale = expand_groups(lin.scale.float(), inp, lin.effective_group_size)[:, cols]
-        zero = expand_groups(lin.zero.float(), inp, lin.effective_group_size)[:, cols]
-        h = lin.hdiag.float() if lin.hdiag is not None else torch.ones(inp)
-        if refit == "none":
-            if not torch.equal(zero, torch.round(zero)):
-                raise UserError(f"{name}: the master's zero-points are not integers and --ct-refit none was given; use --ct-refit diag")
-            codes, s, z = lin.codes, scale.to(sdt), zero.long()
+    opts = dict(float_storage=float_storage, half=half, sdt=sdt, refit=refit)
+
+    def pieces():
+        """The tensors a block at a time (converters.shards.by_block), so one block is held, not the model."""
+        for group in shards.by_block([*master.linears, *master.tensors], fam.blocks_path):
+            part, experts_float = {}, {}
+            for n in group:
+                if n not in master.linears:
+                    part[n], ok = store(master.tensors[n], float_storage, half)
+                    if not ok:
+                        reports.append(TensorReport(n, _DT[part[n].dtype], False,
+                                                    note=f"rounded to {_DT[half]} (--float-storage exact keeps it exact)"))
+                elif is_expert(fam, n):  # float, fused as transformers 5 holds them (EXPERTS_NOTE)
+                    lin = master.linears[n]
+                    lin.validate(n)
+                    experts_float[n], ok = store(lin.dequantize(), float_storage, half)
+                    reports.append(TensorReport(n, f"{_DT[experts_float[n].dtype]} (dense)", ok, note=EXPERTS_NOTE))
+                else:
+                    _linear(part, reports, schemes, dense, n, master.linears[n], master.head_shares_embedding,
+                            shared, **opts)
+            part.update(fuse_state_dict({f"{n}.weight": w for n, w in experts_float.items()}))
+            for k in list(part):
+                yield k, part.pop(k)
+
+    def config() -> dict:
+        """config.json, once every linear's scheme is known."""
+        all_linear = master.linear_modules or _linear_modules(master.config)  # older masters: ask transformers
+        groups = {}
+        if len(schemes) == 1 and all_linear is not None:
+            (bits, g), names = next(iter(schemes.items()))
+            groups["group_0"] = {"targets": ["Linear"], "weights": _weights_args(bits, g), "input_activations": None,
+                                 "output_activations": None, "format": FORMAT}
+            ignore = [n for n in all_linear if n not in set(names)]
         else:
-            codes, s, z = refit_integer_zero(w, h, scale, zero, lin.bits, geff, method=refit, scale_dtype=sdt)
-        off = 1 << (lin.bits - 1)
-        tensors[f"{name}.weight_packed"] = torch.from_numpy(pack_int32(codes.numpy().astype(np.int16) - off, lin.bits))
-        tensors[f"{name}.weight_scale"] = s.contiguous()
-        tensors[f"{name}.weight_zero_point"] = torch.from_numpy(pack_int32(z.numpy() - off, lin.bits, packed_dim=0))
-        tensors[f"{name}.weight_shape"] = torch.tensor([out_f, inp], dtype=torch.int64)
-        w2 = s.double().repeat_interleave(geff, 1) * (codes.double() - z.double().repeat_interleave(geff, 1))
-        hh = h.double()[None]
-        added = float((hh * (w2 - w) ** 2).sum() / (hh * w ** 2).sum().clamp_min(1e-300))
-        note = f"groups of {geff}" if geff != lin.effective_group_size else ""
-        if 32 % lin.bits:
-            note = (note + "; " if note else "") + f"{lin.bits}-bit packing needs compressed-tensors >= 0.18"
-        reports.append(TensorReport(name, f"int{lin.bits}-asym-{'channel' if g == -1 else f'g{g}'}", added == 0.0,
-                                    added_error=added, note=note))
-        schemes.setdefault((lin.bits, g), []).append(name)
-    for k, v in master.tensors.items():
-        tensors[k], ok = store(v, float_storage, half)
-        if not ok:
-            reports.append(TensorReport(k, _DT[tensors[k].dtype], False,
-                                        note=f"rounded to {_DT[half]} (--float-storage exact keeps it exact)"))
-    tensors.update(fuse_state_dict({f"{n}.weight": w for n, w in experts_float.items()}))
+            for i, ((bits, g), names) in enumerate(sorted(schemes.items())):
+                groups[f"group_{i}"] = {"targets": [f"re:^{n.replace('.', chr(92) + '.')}$" for n in names],
+                                        "weights": _weights_args(bits, g), "input_activations": None,
+                                        "output_activations": None, "format": FORMAT}
+            ignore = ["lm_head", *dense] if all_linear is None else [n for n in all_linear if n not in master.linears or n in dense]
+        qcfg = {"quant_method": "compressed-tensors", "format": FORMAT, "quantization_status": "compressed",
+                "config_groups": groups, "ignore": sorted(set(ignore)), "kv_cache_scheme": None,
+                "version": _ct_version()}
+        return {**{k: v for k, v in master.config.items() if k != "quantization_config"}, "quantization_config": qcfg}
 
-    all_linear = master.linear_modules or _linear_modules(master.config)  # older masters: ask transformers
-    groups = {}
-    if len(schemes) == 1 and all_linear is not None:
-        (bits, g), names = next(iter(schemes.items()))
-        groups["group_0"] = {"targets": ["Linear"], "weights": _weights_args(bits, g), "input_activations": None,
-                             "output_activations": None, "format": FORMAT}
-        ignore = [n for n in all_linear if n not in set(names)]
-    else:
-        for i, ((bits, g), names) in enumerate(sorted(schemes.items())):
-            groups[f"group_{i}"] = {"targets": [f"re:^{n.replace('.', chr(92) + '.')}$" for n in names],
-                                    "weights": _weights_args(bits, g), "input_activations": None,
-                                    "output_activations": None, "format": FORMAT}
-        ignore = ["lm_head", *dense] if all_linear is None else [n for n in all_linear if n not in master.linears or n in dense]
-    qcfg = {"quant_method": "compressed-tensors", "format": FORMAT, "quantization_status": "compressed",
-            "config_groups": groups, "ignore": sorted(set(ignore)), "kv_cache_scheme": None,
-            "version": _ct_version()}
-    config = {**{k: v for k, v in master.config.items() if k != "quantization_config"}, "quantization_config": qcfg}
-
-    nbytes = write_safetensors_dir(out, tensors, config, master.tokenizer_dir, metadata={"format": "pt", "neuqi_export": "compressed-tensors-1"},
+    nbytes = write_safetensors_dir(out, pieces(), config, master.tokenizer_dir, metadata={"format": "pt", "neuqi_export": "compressed-tensors-1"},
                                   max_shard_size=max_shard_size)
     return ExportReport(path=out, bytes=nbytes, tensors=reports, advice=refit_warning(reports))
 

@@ -207,6 +207,8 @@ def compensate_embed_scale(tensors: dict, cfg: dict) -> None:
     for i in range(int(cfg["num_hidden_layers"])):
         for hf in (fam.norms.attn_out, fam.norms.ffn_out):
             k = f"{fam.blocks_path}.{i}.{hf}.weight"
+            if k not in tensors:  # another block's part (export_mlx writes a block at a time)
+                continue
             w = tensors[k].double()
             tensors[k] = ((off + w) * r - off).to(tensors[k].dtype)
 
@@ -257,6 +259,39 @@ def mlx_config(master, quant: dict) -> dict:
     return cfg
 
 
+def _linear(tensors: dict, per_module: dict, reports: list, hf_name: str, lin, shared: bool, float_storage: str,
+            half, sdt, scale_dtype: str) -> None:
+    """Linear `hf_name` into `tensors` as MLX affine weight/scales/biases (or dense where no MLX group fits), its
+    layout into `per_module` and its report into `reports`."""
+    lin.validate(hf_name)
+    name = "model.embed_tokens" if shared and hf_name == HEAD else hf_name
+    out_f, inp = lin.shape
+    gsize, bits = mlx_group_size(inp, lin.group_size), mlx_bits(lin.bits)
+    if gsize is None or bits is None:
+        tensors[f"{name}.weight"], ok = store(lin.dequantize(), float_storage, half)
+        per_module[name] = False
+        reports.append(TensorReport(name, f"{_DT[tensors[f'{name}.weight'].dtype]} (dense)", ok,
+                                    note=f"in={inp}, group {lin.group_size}: no MLX group size fits"))
+        return
+    tensors[f"{name}.weight"] = torch.from_numpy(pack_mlx(lin.codes.cpu().numpy(), bits))
+    s, b = mlx_params(lin, gsize, sdt)
+    tensors[f"{name}.scales"], tensors[f"{name}.biases"] = s.contiguous(), b.contiguous()
+    per_module[name] = {"group_size": gsize, "bits": bits}
+    note = []
+    if gsize != lin.effective_group_size:
+        note.append(f"master group {lin.group_size} as MLX groups of {gsize}")
+    if bits != lin.bits:
+        note.append(f"{lin.bits}-bit codes in a {bits}-bit container")
+    err = 0.0
+    if sdt != torch.float32:  # relative weight error of the narrower scale storage (0: the values fit it)
+        ref = lin.dequantize()
+        got = s.float().repeat_interleave(gsize, 1) * lin.codes.float() + b.float().repeat_interleave(gsize, 1)
+        err = float((got - ref).norm() / ref.norm().clamp_min(1e-30))
+        if err:
+            note.append(f"{scale_dtype} scales/biases: rel. weight error {err:.2e} (--float-storage exact keeps fp32)")
+    reports.append(TensorReport(name, f"MLX-affine-{bits} g{gsize}", err == 0.0, added_error=err, note="; ".join(note)))
+
+
 def export_mlx(master, out, scale_dtype: str | None = None, overwrite: bool = False,
                float_storage: str = "half", max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE) -> ExportReport:
     """Write `master` as an mlx-lm directory (module doc). `float_storage` (converters.float_storage): half
@@ -272,65 +307,47 @@ def export_mlx(master, out, scale_dtype: str | None = None, overwrite: bool = Fa
     check_family(master.config)
     out = prepare_output(out, overwrite)
 
-    tensors: dict[str, torch.Tensor] = {}
     reports: list[TensorReport] = []
     per_module: dict[str, dict] = {}
     shared = master.head_shares_embedding  # tied quantized head: stored as the QuantizedEmbedding mlx-lm ties to
-    for hf_name, lin in master.linears.items():
-        lin.validate(hf_name)
-        name = "model.embed_tokens" if shared and hf_name == HEAD else hf_name
-        out_f, inp = lin.shape
-        gsize, bits = mlx_group_size(inp, lin.group_size), mlx_bits(lin.bits)
-        if gsize is None or bits is None:
-            tensors[f"{name}.weight"], ok = store(lin.dequantize(), float_storage, half)
-            per_module[name] = False
-            reports.append(TensorReport(name, f"{_DT[tensors[f'{name}.weight'].dtype]} (dense)", ok,
-                                        note=f"in={inp}, group {lin.group_size}: no MLX group size fits"))
-            continue
-        tensors[f"{name}.weight"] = torch.from_numpy(pack_mlx(lin.codes.cpu().numpy(), bits))
-        s, b = mlx_params(lin, gsize, sdt)
-        tensors[f"{name}.scales"], tensors[f"{name}.biases"] = s.contiguous(), b.contiguous()
-        per_module[name] = {"group_size": gsize, "bits": bits}
-        note = []
-        if gsize != lin.effective_group_size:
-            note.append(f"master group {lin.group_size} as MLX groups of {gsize}")
-        if bits != lin.bits:
-            note.append(f"{lin.bits}-bit codes in a {bits}-bit container")
-        err = 0.0
-        if sdt != torch.float32:  # relative weight error of the narrower scale storage (0: the values fit it)
-            ref = lin.dequantize()
-            got = s.float().repeat_interleave(gsize, 1) * lin.codes.float() + b.float().repeat_interleave(gsize, 1)
-            err = float((got - ref).norm() / ref.norm().clamp_min(1e-30))
-            if err:
-                note.append(f"{scale_dtype} scales/biases: rel. weight error {err:.2e} (--float-storage exact keeps fp32)")
-        reports.append(TensorReport(name, f"MLX-affine-{bits} g{gsize}", err == 0.0, added_error=err, note="; ".join(note)))
-    floats = {}
-    for k, v in master.tensors.items():
-        if k == EMBED and shared:
-            continue  # written above from the quantized head
-        floats[k] = v.detach().cpu().float().contiguous().clone()
-    compensate_embed_scale(floats, master.config)
-    for k, v in floats.items():
-        tensors[k], ok = store(v, float_storage, half)
-        if not ok:
-            reports.append(TensorReport(k, _DT[tensors[k].dtype], False,
-                                        note=f"rounded to {_DT[half]} (--float-storage exact keeps it exact)"))
+    names = [*master.linears, *(k for k in master.tensors if not (k == EMBED and shared))]  # EMBED: from the head
 
-    _stack_experts(tensors, per_module, master.config)
-    quantized = [m for m in per_module.values() if m]
-    if quantized:
-        pairs = [(m["group_size"], m["bits"]) for m in quantized]
-        gs0, b0 = max(set(pairs), key=pairs.count)
-    else:
-        gs0, b0 = 64, 4
-    quant = {"group_size": gs0, "bits": b0, "mode": "affine"}
-    for name, m in per_module.items():
-        if m is False or (m["group_size"], m["bits"]) != (gs0, b0):
-            quant[name] = m if m is False else {**m, "mode": "affine"}
-    config = mlx_config(master, quant)
+    def pieces():
+        """The tensors a block at a time (converters.shards.by_block), so one block is held, not the model."""
+        for group in shards.by_block(names, family_for(master.config).blocks_path):
+            part, floats = {}, {}
+            for n in group:
+                if n in master.linears:
+                    _linear(part, per_module, reports, n, master.linears[n], shared, float_storage, half, sdt,
+                            scale_dtype)
+                else:
+                    floats[n] = master.tensors[n].detach().cpu().float().contiguous().clone()
+            compensate_embed_scale(floats, master.config)
+            for k, v in floats.items():
+                part[k], ok = store(v, float_storage, half)
+                if not ok:
+                    reports.append(TensorReport(k, _DT[part[k].dtype], False,
+                                                note=f"rounded to {_DT[half]} (--float-storage exact keeps it exact)"))
+            _stack_experts(part, per_module, master.config)
+            for k in list(part):
+                yield k, part.pop(k)
 
-    nbytes = write_safetensors_dir(out, tensors, config, master.tokenizer_dir, metadata={"format": "mlx", "neuqi_export": "mlx-1"},
-                                  max_shard_size=max_shard_size)
+    def config() -> dict:
+        """config.json, once every module's layout is known."""
+        quantized = [m for m in per_module.values() if m]
+        if quantized:
+            pairs = [(m["group_size"], m["bits"]) for m in quantized]
+            gs0, b0 = max(set(pairs), key=pairs.count)
+        else:
+            gs0, b0 = 64, 4
+        quant = {"group_size": gs0, "bits": b0, "mode": "affine"}
+        for name, m in per_module.items():
+            if m is False or (m["group_size"], m["bits"]) != (gs0, b0):
+                quant[name] = m if m is False else {**m, "mode": "affine"}
+        return mlx_config(master, quant)
+
+    nbytes = write_safetensors_dir(out, pieces(), config, master.tokenizer_dir,
+                                   metadata={"format": "mlx", "neuqi_export": "mlx-1"}, max_shard_size=max_shard_size)
     return ExportReport(path=out, bytes=nbytes, tensors=reports)
 
 

@@ -133,12 +133,13 @@ def choose(value, table: dict, option: str):
     return table[value]
 
 
-def write_safetensors_dir(out, tensors: dict, config: dict, tokenizer_dir, metadata: dict,
+def write_safetensors_dir(out, tensors, config, tokenizer_dir, metadata: dict,
                           max_shard_size: str | int = "5GB") -> int:
     """Write the tensors (as Hugging Face shards them: one model.safetensors, or shards of at most
     `max_shard_size` with an index; converters/shards.py) + config.json + the tokenizer files as directory `out`,
-    all-or-nothing (replacing an existing `out`; callers check --force first). The tensors are dropped from
-    `tensors` as their shard is written. Returns the directory's size in bytes."""
+    all-or-nothing (replacing an existing `out`; callers check --force first). `tensors`: a dict (each dropped as
+    its shard is written) or an iterable of (name, tensor) pairs; `config`: a dict, or a callable giving it once
+    every tensor is written (what it says may depend on them). Returns the directory's size in bytes."""
     import json
     import shutil
 
@@ -151,6 +152,7 @@ def write_safetensors_dir(out, tensors: dict, config: dict, tokenizer_dir, metad
     out = Path(out)
     with atomic_directory(out, overwrite=True) as tmp:
         write_tensors(tmp, tensors, max_shard_size, metadata)
+        config = config() if callable(config) else config
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if tokenizer_dir is not None:
             for fname in TOKENIZER_FILES:

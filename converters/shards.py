@@ -100,13 +100,29 @@ class ShardWriter:
         return names
 
 
-def write_tensors(directory, tensors: dict, max_shard_size=DEFAULT_MAX_SHARD_SIZE, metadata: dict | None = None) -> list[str]:
-    """Every tensor of `tensors` (dict order) into shards in `directory`, each dropped from the dict once written
-    into a shard (ShardWriter); returns the shard file names."""
+def write_tensors(directory, tensors, max_shard_size=DEFAULT_MAX_SHARD_SIZE, metadata: dict | None = None) -> list[str]:
+    """Every tensor of `tensors` into shards in `directory` (ShardWriter); returns the shard file names. `tensors` is
+    a dict (in its order, each dropped from it once written into a shard) or an iterable of (name, tensor) pairs
+    (an exporter's generator makes each block's tensors only when the previous ones are placed)."""
     w = ShardWriter(directory, max_shard_size, metadata)
-    for name in list(tensors):
-        w.add(name, tensors.pop(name))
+    if isinstance(tensors, dict):
+        for name in list(tensors):
+            w.add(name, tensors.pop(name))
+    else:
+        for name, tensor in tensors:
+            w.add(name, tensor)
     return w.finish()
+
+
+def by_block(names, blocks_path: str) -> list[list[str]]:
+    """`names` (module or tensor names) grouped to be made and written a group at a time: each block's
+    (`<blocks_path>.<i>.`) in block order, then those outside the blocks (embedding, final norm, head)."""
+    pat = re.compile(rf"^{re.escape(blocks_path)}\.(\d+)\.")
+    groups: dict[int, list[str]] = {}
+    for n in names:
+        m = pat.match(n)
+        groups.setdefault(int(m.group(1)) if m else -1, []).append(n)
+    return [groups[k] for k in sorted(groups, key=lambda k: (k < 0, k))]
 
 
 def add_option(p: argparse.ArgumentParser) -> None:

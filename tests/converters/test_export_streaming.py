@@ -1,6 +1,8 @@
 """Exports in bounded memory (issue 21, items 3 and 6): the GGUF writer holds one packed tensor at a time (the rest
 parked in a spill file beside the output), so its Python-heap peak does not grow with the depth of the model; the ONNX
-graph keeps no large initializer in memory (each is appended to the external data file as it is made); a damaged
+graph keeps no large initializer in memory (each is appended to the external data file as it is made); MLX and
+compressed-tensors make a block's tensors only when the previous shard is written (their peak, with shards smaller
+than a block, does not grow with depth either); a damaged
 master or a full disk ends in one line with nothing under the final name and no temporaries left.
 
 The peaks are tracemalloc's (numpy registers its buffers with it; the spill's memory maps and torch's storages are
@@ -172,3 +174,33 @@ def test_onnx_full_disk_leaves_nothing(masters, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(ExternalData, "park", park)
     assert main(["export", str(masters[2]), "--to", "onnx", "-o", str(out)]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+@pytest.mark.parametrize("fmt", ["mlx", "compressed-tensors"])
+def test_safetensors_exports_peak_does_not_grow_with_depth(masters, tmp_path, fmt):
+    """With shards of ~half a block, 6 more blocks leave the peak within 2 blocks' packed bytes (an exporter that
+    assembles every tensor before writing grows it by ~6 blocks'), and the shards hold every block."""
+    import json
+
+    from converters.registry import load_all
+
+    layer = _layer_packed_bytes(MasterCheckpoint.load(masters[2]), "Q4_1")
+    exporter = load_all()[fmt]
+
+    def peak(n: int) -> int:
+        master = MasterCheckpoint.load(masters[n])
+        tracemalloc.start()
+        try:
+            exporter.export(master, tmp_path / f"{n}.{fmt}", overwrite=True, max_shard_size=layer // 2)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    peak(2)  # imports and caches
+    peaks = {n: peak(n) for n in masters}
+    grown = peaks[8] - peaks[2]
+    assert grown < 2 * layer, f"peak {peaks} grew by {grown} bytes for 6 blocks of {layer} packed bytes"
+    index = json.loads((tmp_path / f"8.{fmt}" / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 8 and all((tmp_path / f"8.{fmt}" / s).is_file() for s in shards)
+    assert {k.split(".")[2] for k in index["weight_map"] if k.startswith("model.layers.")} == {str(i) for i in range(8)}
