@@ -21,11 +21,11 @@ INDEX = "model.safetensors.index.json"
 
 @dataclass
 class ShardMap:
-    """tensor name -> shard file of a safetensors checkpoint, with one open handle per shard."""
+    """tensor name -> shard file of a safetensors checkpoint. A shard is opened for each read and closed after it:
+    a handle kept open keeps every page read through its memory map resident (counted in the RSS) for the whole run."""
 
     root: Path
     where: dict = field(default_factory=dict)
-    _open: dict = field(default_factory=dict)
 
     @classmethod
     def of(cls, model_dir) -> ShardMap:
@@ -51,15 +51,14 @@ class ShardMap:
         return m
 
     def _handle(self, shard: str):
-        if shard not in self._open:
-            from safetensors import safe_open
+        """A new handle on `shard` (the caller drops it when done)."""
+        from safetensors import safe_open
 
-            try:
-                self._open[shard] = safe_open(str(self.root / shard), framework="pt")
-            except Exception as exc:  # safetensors raises its own error types for a bad header
-                raise UserError(f"shard '{self.root / shard}' is truncated or corrupt ({str(exc).splitlines()[0]}); "
-                                "re-download it") from None
-        return self._open[shard]
+        try:
+            return safe_open(str(self.root / shard), framework="pt")
+        except Exception as exc:  # safetensors raises its own error types for a bad header
+            raise UserError(f"shard '{self.root / shard}' is truncated or corrupt ({str(exc).splitlines()[0]}); "
+                            "re-download it") from None
 
     def __contains__(self, name: str) -> bool:
         return name in self.where
@@ -69,7 +68,7 @@ class ShardMap:
         if name not in self.where:
             raise UserError(f"the checkpoint in '{self.root}' has no tensor '{name}'; it does not match its config.json")
         try:
-            t = self._handle(self.where[name]).get_tensor(name)
+            t = self._handle(self.where[name]).get_tensor(name)  # the tensor keeps its pages mapped, no longer
         except UserError:
             raise
         except Exception as exc:

@@ -127,7 +127,6 @@ class TensorStore:
         self.root = Path(root)
         self.where: dict[str, str] = {}
         self.info: dict[str, dict] = {}
-        self._open: dict = {}
         listed = None
         if files is None and (self.root / INDEX_NAME).is_file():
             listed = read_json(self.root / INDEX_NAME, fix).get("weight_map")
@@ -167,9 +166,8 @@ class TensorStore:
         from .file_checks import finite_tensors
 
         shard = self.where[name]
-        if shard not in self._open:
-            self._open[shard] = safe_open(str(self.root / shard), framework="pt")
-        t = self._open[shard].get_tensor(name)
+        # a handle per read: one kept open keeps every page read through its map resident (in the RSS) to the end
+        t = safe_open(str(self.root / shard), framework="pt").get_tensor(name)
         finite_tensors({name: t}, self.root / shard, "re-run `neuqi-export quantize` to recreate the checkpoint")
         return t
 

@@ -5,15 +5,14 @@
 Each depth is a random bf16 checkpoint of LLaMA-2-7B's block shape (hidden 4096, FFN 11008, 32 heads) written
 block by block as safetensors shards with an index (never held whole), with the fetched SmolLM2 tokenizer, so the
 vocabulary is its 49152 (LLaMA-2's is 32000; the calibration text must tokenize inside the table). Every command
-runs as its own process under /usr/bin/time -v: its peak RSS ("Maximum resident set size") and wall time are the
-numbers. The goal (issue 21): peak RSS flat in depth. The table, the per-block slope of a least-squares line through
+runs as its own process: its peak RSS (the kernel's ru_maxrss of that child, what /usr/bin/time -v reports as
+"Maximum resident set size") and wall time are the numbers. The goal (issue 21): peak RSS flat in depth. The table, the per-block slope of a least-squares line through
 the peaks, and the 70B figure on paper go to docs/MEMORY.md with the command.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -29,12 +28,15 @@ def block_params(hidden: int, ffn: int, heads: int, kv_heads: int) -> int:
     return 2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * ffn + 2 * hidden
 
 
-def write_checkpoint(out: Path, depth: int, vocab: int, tokenizer_dir: Path, seed: int = 0) -> int:
-    """A random bf16 LLaMA checkpoint of `depth` 7B-shaped blocks, one shard per block; returns its bytes."""
+def write_checkpoint(out: Path, depth: int, vocab: int, tokenizer_dir: Path, seed: int = 0,
+                     shape: dict = SHAPE_7B) -> int:
+    """A random bf16 LLaMA checkpoint of `depth` blocks of `shape` (default 7B's), one shard per block; returns its
+    bytes."""
     import torch
     from safetensors.torch import save_file
 
-    h, f = SHAPE_7B["hidden"], SHAPE_7B["ffn"]
+    h, f = shape["hidden"], shape["ffn"]
+    kv = h // shape["heads"] * shape["kv_heads"]
     out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
 
@@ -46,8 +48,8 @@ def write_checkpoint(out: Path, depth: int, vocab: int, tokenizer_dir: Path, see
     for k in range(depth):
         p = f"model.layers.{k}."
         shards.append((f"block{k}", {
-            p + "self_attn.q_proj.weight": rand(h, h), p + "self_attn.k_proj.weight": rand(h, h),
-            p + "self_attn.v_proj.weight": rand(h, h), p + "self_attn.o_proj.weight": rand(h, h),
+            p + "self_attn.q_proj.weight": rand(h, h), p + "self_attn.k_proj.weight": rand(kv, h),
+            p + "self_attn.v_proj.weight": rand(kv, h), p + "self_attn.o_proj.weight": rand(h, h),
             p + "mlp.gate_proj.weight": rand(f, h), p + "mlp.up_proj.weight": rand(f, h),
             p + "mlp.down_proj.weight": rand(h, f),
             p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
@@ -62,8 +64,8 @@ def write_checkpoint(out: Path, depth: int, vocab: int, tokenizer_dir: Path, see
         del tensors
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h, "intermediate_size": f,
-              "num_hidden_layers": depth, "num_attention_heads": SHAPE_7B["heads"],
-              "num_key_value_heads": SHAPE_7B["kv_heads"], "vocab_size": vocab, "max_position_embeddings": 4096,
+              "num_hidden_layers": depth, "num_attention_heads": shape["heads"],
+              "num_key_value_heads": shape["kv_heads"], "vocab_size": vocab, "max_position_embeddings": 4096,
               "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
               "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2}
     (out / "config.json").write_text(json.dumps(config, indent=1))
@@ -73,17 +75,23 @@ def write_checkpoint(out: Path, depth: int, vocab: int, tokenizer_dir: Path, see
     return total
 
 
-def timed(cmd: list[str]) -> dict:
-    """Run cmd under /usr/bin/time -v: {'rss_gb', 'seconds'}; raises with the tail of its output on failure."""
-    p = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
-    if p.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}): {(p.stdout + p.stderr)[-1500:]}")
-    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr)[1])
-    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", p.stderr)[1]
-    secs = 0.0
-    for part in wall.split(":"):
-        secs = secs * 60 + float(part)
-    return {"rss_gb": rss / 2**20, "seconds": secs}
+def timed(cmd: list[str], env: dict | None = None) -> dict:
+    """Run cmd as a child process: its peak RSS (the kernel's ru_maxrss, as /usr/bin/time -v reports it) and wall
+    time, {'rss_gb', 'seconds'}; raises with the tail of its output on failure."""
+    import os
+    import tempfile
+    import time
+
+    with tempfile.TemporaryFile("w+") as log:
+        t0 = time.monotonic()
+        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(p.pid, 0)
+        secs = time.monotonic() - t0
+        p.returncode = os.waitstatus_to_exitcode(status)
+        if p.returncode != 0:
+            log.seek(0)
+            raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}): {log.read()[-1500:]}")
+    return {"rss_gb": usage.ru_maxrss / 2**20, "seconds": secs}  # ru_maxrss: KiB on Linux
 
 
 def slope(xs: list[float], ys: list[float]) -> tuple[float, float]:
@@ -141,7 +149,7 @@ def write_doc(rows: list[dict], args, out: Path) -> None:
              "Random bf16 checkpoints of LLaMA-2-7B's block shape (hidden 4096, FFN 11008, 32 heads; vocabulary 49152, "
              "the SmolLM2 tokenizer's), 4-bit g128 NeUQI" + (" + GPTQ" if args.gptq else " (no GPTQ)")
              + f", {args.nsamples} x {args.seqlen} calibration tokens. Peak RSS and wall time of each command as its own "
-             "process (/usr/bin/time -v)." + (f" {args.note}" if args.note else ""), "",
+             "process (the kernel's ru_maxrss of the child, as /usr/bin/time -v reports it)." + (f" {args.note}" if args.note else ""), "",
              "| blocks | checkpoint GiB | " + " | ".join(f"{s} peak RSS GiB | {s} s" for s in stages) + " |",
              "|---|---|" + "---|---|" * len(stages)]
     for r in rows:
