@@ -113,6 +113,8 @@ def main(argv=None) -> None:
     ap.add_argument("--work", default="/tmp/bench_memory")
     ap.add_argument("--out", default=str(ROOT / "docs" / "MEMORY.md"))
     ap.add_argument("--note", default="")
+    ap.add_argument("--keep", action="store_true", help="keep each depth's checkpoint and master (default: deleted "
+                    "once its row is measured; the rows are cached in WORK/rows.json)")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     from neuqi_export.assets import fetch_assets
@@ -120,47 +122,73 @@ def main(argv=None) -> None:
     assets = fetch_assets()
     vocab = json.loads((assets.model_dir / "config.json").read_text())["vocab_size"]
     work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
     cli = [sys.executable, "-m", "neuqi_export.cli"]
+    cache = work / "rows.json"  # measured stages, kept across runs (a later run adds depths or formats)
+    done = json.loads(cache.read_text()) if cache.is_file() else {}
+    setting = f"c{args.nsamples}x{args.seqlen}" + ("-gptq" if args.gptq else "")
+    command = command_line(args)
     rows = []
     for depth in args.depths:
+        row = done.setdefault(f"{depth}-{setting}", {"depth": depth, "command": command})
         ckpt, master = work / f"ckpt{depth}", work / f"master{depth}"
-        if not (ckpt / "config.json").is_file():
+        if not (ckpt / "config.json").is_file() and not all(s in row for s in ("quantize", *args.formats)):
             write_checkpoint(ckpt, depth, vocab, assets.model_dir)
-        disk = sum(f.stat().st_size for f in ckpt.glob("*.safetensors")) / 2**30
+        if "disk_gb" not in row:
+            row["disk_gb"] = sum(f.stat().st_size for f in ckpt.glob("*.safetensors")) / 2**30
         q = ["quantize", str(ckpt), "-o", str(master), "--bits", "4", "--group-size", "128", "--nsamples",
              str(args.nsamples), "--seqlen", str(args.seqlen), "--force", "--quiet"] + (["--gptq"] if args.gptq else [])
-        row = {"depth": depth, "disk_gb": disk, "quantize": timed(cli + q)}
+        if "quantize" not in row or (not (master / "config.json").is_file() and set(args.formats) - set(row)):
+            row["quantize"] = timed(cli + q)
         for fmt in args.formats:
+            if fmt in row:
+                continue
             out = work / f"m{depth}.{fmt}"
             row[fmt] = timed(cli + ["export", str(master), "--to", fmt, "-o", str(out), "--force", "--quiet"])
+            row[fmt]["bytes_gb"] = (sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if out.is_dir()
+                                    else out.stat().st_size) / 2**30
             shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink(missing_ok=True)
+            cache.write_text(json.dumps(done, indent=1))
+        cache.write_text(json.dumps(done, indent=1))
+        if not args.keep:  # the row is measured: free the disk for the next depth
+            shutil.rmtree(ckpt, ignore_errors=True)
+            shutil.rmtree(master, ignore_errors=True)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    write_doc(rows, args, Path(args.out))
+    write_doc(sorted(rows, key=lambda r: r["depth"]), args, Path(args.out))
 
 
-def write_doc(rows: list[dict], args, out: Path) -> None:
-    cmd = "python tools/bench_memory.py " + " ".join(
+def command_line(args) -> str:
+    return "python tools/bench_memory.py " + " ".join(
         [f"--depths {' '.join(map(str, args.depths))}", f"--formats {' '.join(args.formats)}",
          f"--nsamples {args.nsamples}", f"--seqlen {args.seqlen}"] + (["--gptq"] if args.gptq else [])
         + ([f"--note '{args.note}'"] if args.note else []))
-    stages = ["quantize", *args.formats]
-    lines = ["# Memory against depth (issue 21)", "", f"Command: `{cmd}`", "",
+
+
+def write_doc(rows: list[dict], args, out: Path) -> None:
+    stages = ["quantize", *[f for f in ("gguf", "onnx", "mlx", "compressed-tensors") if any(f in r for r in rows)]]
+    commands = list(dict.fromkeys(r["command"] for r in rows))
+    lines = ["# Memory against depth (issue 21)", "",
+             "Command" + ("s" if len(commands) > 1 else "") + ": " + "; ".join(f"`{c}`" for c in commands), "",
              "Random bf16 checkpoints of LLaMA-2-7B's block shape (hidden 4096, FFN 11008, 32 heads; vocabulary 49152, "
              "the SmolLM2 tokenizer's), 4-bit g128 NeUQI" + (" + GPTQ" if args.gptq else " (no GPTQ)")
              + f", {args.nsamples} x {args.seqlen} calibration tokens. Peak RSS and wall time of each command as its own "
-             "process (the kernel's ru_maxrss of the child, as /usr/bin/time -v reports it)." + (f" {args.note}" if args.note else ""), "",
+             "process (the kernel's ru_maxrss of the child, as /usr/bin/time -v reports it)."
+             + (f" {args.note}" if args.note else ""), "",
              "| blocks | checkpoint GiB | " + " | ".join(f"{s} peak RSS GiB | {s} s" for s in stages) + " |",
              "|---|---|" + "---|---|" * len(stages)]
     for r in rows:
-        lines.append(f"| {r['depth']} | {r['disk_gb']:.2f} | "
-                     + " | ".join(f"{r[s]['rss_gb']:.2f} | {r[s]['seconds']:.0f}" for s in stages) + " |")
+        lines.append(f"| {r['depth']} | {r['disk_gb']:.2f} | " + " | ".join(
+            f"{r[s]['rss_gb']:.2f} | {r[s]['seconds']:.0f}" if s in r else "— | —" for s in stages) + " |")
     lines.append("")
     if len(rows) >= 2:
         xs = [r["depth"] for r in rows]
         per_block_bytes = block_params(**SHAPE_7B) * 2 / 2**30
         for s in stages:
-            a, b = slope(xs, [r[s]["rss_gb"] for r in rows])
+            have = [r for r in rows if s in r]
+            if len(have) < 2:
+                continue
+            a, b = slope([r["depth"] for r in have], [r[s]["rss_gb"] for r in have])
             lines.append(f"- {s}: peak RSS ≈ {a:.2f} + {b:.3f} GiB per block (one block is {per_block_bytes:.2f} GiB "
                          "in bf16, twice that in fp32)")
         ratio = block_params(**SHAPE_70B) / block_params(**SHAPE_7B)
