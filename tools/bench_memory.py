@@ -128,6 +128,8 @@ def main(argv=None) -> None:
     done = json.loads(cache.read_text()) if cache.is_file() else {}
     setting = f"c{args.nsamples}x{args.seqlen}" + ("-gptq" if args.gptq else "")
     command = command_line(args)
+    if "imports" not in done:  # the process before any model: what every command's peak has under it
+        done["imports"] = timed([sys.executable, "-c", "import torch, transformers, neuqi_export.pipeline"])
     rows = []
     for depth in args.depths:
         row = done.setdefault(f"{depth}-{setting}", {"depth": depth, "command": command})
@@ -155,7 +157,7 @@ def main(argv=None) -> None:
             shutil.rmtree(master, ignore_errors=True)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    write_doc(sorted(rows, key=lambda r: r["depth"]), args, Path(args.out))
+    write_doc(sorted(rows, key=lambda r: r["depth"]), args, Path(args.out), done["imports"]["rss_gb"])
 
 
 def command_line(args) -> str:
@@ -165,7 +167,7 @@ def command_line(args) -> str:
         + ([f"--note '{args.note}'"] if args.note else []))
 
 
-def write_doc(rows: list[dict], args, out: Path) -> None:
+def write_doc(rows: list[dict], args, out: Path, imports_gb: float) -> None:
     stages = ["quantize", *[f for f in ("gguf", "onnx", "mlx", "compressed-tensors") if any(f in r for r in rows)]]
     commands = list(dict.fromkeys(r["command"] for r in rows))
     lines = ["# Memory against depth (issue 21)", "",
@@ -192,13 +194,25 @@ def write_doc(rows: list[dict], args, out: Path) -> None:
             lines.append(f"- {s}: peak RSS ≈ {a:.2f} + {b:.3f} GiB per block (one block is {per_block_bytes:.2f} GiB "
                          "in bf16, twice that in fp32)")
         ratio = block_params(**SHAPE_70B) / block_params(**SHAPE_7B)
-        a, b = slope(xs, [r["quantize"]["rss_gb"] for r in rows])
-        big = max(r["quantize"]["rss_gb"] for r in rows) - a  # what the largest run needed beyond the fixed part
-        lines += ["", f"On paper, 70B (80 blocks of hidden 8192, FFN 28672, GQA 8): a block has {ratio:.2f}x the "
-                  f"parameters of a 7B block; with the per-block slope above, quantize would peak near "
-                  f"{a + 80 * b * ratio:.1f} GiB (the fixed part as measured: a 70B embedding, 32000 x 8192, is about this one, 49152 x 4096; the slope x 80 blocks); "
-                  f"if the peak is one block's working set ({big:.2f} GiB here beyond the fixed part), near "
-                  f"{a + big * ratio:.1f} GiB."]
+        fp32_70b = block_params(**SHAPE_70B) * 4 / 2**30
+        lines += ["", f"On paper, 70B (80 blocks of hidden 8192, FFN 28672, 64 heads, GQA 8): a block has {ratio:.2f}x the "
+                  f"parameters of this one ({fp32_70b:.2f} GiB in fp32). The Python process before any model holds "
+                  f"{imports_gb:.2f} GiB (torch, transformers, neuqi_export imported). If everything else in a "
+                  "command's largest peak here grew with the block (an upper bound: the embedding, 32000 x 8192 for "
+                  "LLaMA-2-70B against 49152 x 4096 here, grows 1.3x, the activations 2x), plus its per-block slope "
+                  "scaled to 80 such blocks where the slope is positive:", ""]
+        for s in stages:
+            have = [r for r in rows if s in r]
+            if len(have) < 2:
+                continue
+            peak = max(r[s]["rss_gb"] for r in have)
+            _, b = slope([r["depth"] for r in have], [r[s]["rss_gb"] for r in have])
+            _, secs = slope([r["depth"] for r in have], [r[s]["seconds"] for r in have])
+            est = imports_gb + (peak - imports_gb) * ratio + max(b, 0.0) * ratio * 80
+            lines.append(f"- {s}: {imports_gb:.2f} + ({peak:.2f} - {imports_gb:.2f}) x {ratio:.2f}"
+                         + (f" + {b:.3f} x {ratio:.2f} x 80" if b > 0 else "") + f" = {est:.1f} GiB peak; "
+                         + (f"{secs:.0f} s per block here, so ~{secs * ratio * 80 / 3600:.1f} h for 80 blocks at this speed"
+                            if secs > 0 else "its time does not grow with depth here"))
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")
 
