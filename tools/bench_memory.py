@@ -1,13 +1,15 @@
 """Peak memory and time of quantize and export against model depth, on LLaMA-2-7B-shaped random checkpoints.
 
     python tools/bench_memory.py [--depths 2 4 8 16] [--gptq] [--formats gguf onnx] [--work DIR] [--note TEXT]
+                                 [--rows docs/memory_bench.json] [--keep]
 
 Each depth is a random bf16 checkpoint of LLaMA-2-7B's block shape (hidden 4096, FFN 11008, 32 heads) written
 block by block as safetensors shards with an index (never held whole), with the fetched SmolLM2 tokenizer, so the
 vocabulary is its 49152 (LLaMA-2's is 32000; the calibration text must tokenize inside the table). Every command
 runs as its own process: its peak RSS (the kernel's ru_maxrss of that child, what /usr/bin/time -v reports as
 "Maximum resident set size") and wall time are the numbers. The goal (issue 21): peak RSS flat in depth. The table, the per-block slope of a least-squares line through
-the peaks, and the 70B figure on paper go to docs/MEMORY.md with the command.
+the peaks, and the 70B figure on paper go to docs/MEMORY.md with the command. Each measured stage is kept in --rows
+(committed, with the machine it ran on), so a later run adds a depth or a format without redoing the others.
 """
 from __future__ import annotations
 
@@ -113,8 +115,10 @@ def main(argv=None) -> None:
     ap.add_argument("--work", default="/tmp/bench_memory")
     ap.add_argument("--out", default=str(ROOT / "docs" / "MEMORY.md"))
     ap.add_argument("--note", default="")
+    ap.add_argument("--rows", default=str(ROOT / "docs" / "memory_bench.json"),
+                    help="the measured rows, read first and extended (default: docs/memory_bench.json, committed)")
     ap.add_argument("--keep", action="store_true", help="keep each depth's checkpoint and master (default: deleted "
-                    "once its row is measured; the rows are cached in WORK/rows.json)")
+                    "once its row is measured; the rows are cached in --rows)")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     from neuqi_export.assets import fetch_assets
@@ -124,7 +128,7 @@ def main(argv=None) -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     cli = [sys.executable, "-m", "neuqi_export.cli"]
-    cache = work / "rows.json"  # measured stages, kept across runs (a later run adds depths or formats)
+    cache = Path(args.rows)  # measured stages, kept across runs and sessions (a later run adds depths or formats)
     done = json.loads(cache.read_text()) if cache.is_file() else {}
     setting = f"c{args.nsamples}x{args.seqlen}" + ("-gptq" if args.gptq else "")
     command = command_line(args)
@@ -132,15 +136,16 @@ def main(argv=None) -> None:
         done["imports"] = timed([sys.executable, "-c", "import torch, transformers, neuqi_export.pipeline"])
     rows = []
     for depth in args.depths:
-        row = done.setdefault(f"{depth}-{setting}", {"depth": depth, "command": command})
+        row = done.setdefault(f"{depth}-{setting}", {"depth": depth, "command": command, "machine": machine()})
         ckpt, master = work / f"ckpt{depth}", work / f"master{depth}"
-        if not (ckpt / "config.json").is_file() and not all(s in row for s in ("quantize", *args.formats)):
+        need_quantize = "quantize" not in row or (not (master / "config.json").is_file() and set(args.formats) - set(row))
+        if need_quantize and not (ckpt / "config.json").is_file():
             write_checkpoint(ckpt, depth, vocab, assets.model_dir)
         if "disk_gb" not in row:
             row["disk_gb"] = sum(f.stat().st_size for f in ckpt.glob("*.safetensors")) / 2**30
         q = ["quantize", str(ckpt), "-o", str(master), "--bits", "4", "--group-size", "128", "--nsamples",
              str(args.nsamples), "--seqlen", str(args.seqlen), "--force", "--quiet"] + (["--gptq"] if args.gptq else [])
-        if "quantize" not in row or (not (master / "config.json").is_file() and set(args.formats) - set(row)):
+        if need_quantize:
             row["quantize"] = timed(cli + q)
         for fmt in args.formats:
             if fmt in row:
@@ -160,6 +165,15 @@ def main(argv=None) -> None:
     write_doc(sorted(rows, key=lambda r: r["depth"]), args, Path(args.out), done["imports"]["rss_gb"])
 
 
+def machine() -> str:
+    """The CPU model, core count and RAM of this machine (rows measured on different machines are told apart)."""
+    import os
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{cpu}, {os.cpu_count()} cores, {ram:.0f} GiB"
+
+
 def command_line(args) -> str:
     return "python tools/bench_memory.py " + " ".join(
         [f"--depths {' '.join(map(str, args.depths))}", f"--formats {' '.join(args.formats)}",
@@ -170,12 +184,14 @@ def command_line(args) -> str:
 def write_doc(rows: list[dict], args, out: Path, imports_gb: float) -> None:
     stages = ["quantize", *[f for f in ("gguf", "onnx", "mlx", "compressed-tensors") if any(f in r for r in rows)]]
     commands = list(dict.fromkeys(r["command"] for r in rows))
+    machines = list(dict.fromkeys(r.get("machine", "?") for r in rows))
     lines = ["# Memory against depth (issue 21)", "",
              "Command" + ("s" if len(commands) > 1 else "") + ": " + "; ".join(f"`{c}`" for c in commands), "",
              "Random bf16 checkpoints of LLaMA-2-7B's block shape (hidden 4096, FFN 11008, 32 heads; vocabulary 49152, "
              "the SmolLM2 tokenizer's), 4-bit g128 NeUQI" + (" + GPTQ" if args.gptq else " (no GPTQ)")
              + f", {args.nsamples} x {args.seqlen} calibration tokens. Peak RSS and wall time of each command as its own "
              "process (the kernel's ru_maxrss of the child, as /usr/bin/time -v reports it)."
+             + f" Machine{'s' if len(machines) > 1 else ''}: {'; '.join(machines)}."
              + (f" {args.note}" if args.note else ""), "",
              "| blocks | checkpoint GiB | " + " | ".join(f"{s} peak RSS GiB | {s} s" for s in stages) + " |",
              "|---|---|" + "---|---|" * len(stages)]

@@ -44,12 +44,16 @@ def block_params(scale: np.ndarray, zero: np.ndarray, group_size: int, n_in: int
     return np.asarray(scale, np.float64)[:, gidx], np.asarray(zero, np.float64)[:, gidx]
 
 
-def weighted_error(w_ref: np.ndarray, w_new: np.ndarray, h: np.ndarray) -> tuple[float, float]:
-    """(Σ h (w_ref - w_new)^2, that / Σ h w_ref^2), h broadcast over rows."""
+def weighted_sums(w_ref: np.ndarray, w_new: np.ndarray, h: np.ndarray) -> tuple[float, float]:
+    """(Σ h (w_ref - w_new)^2, Σ h w_ref^2), h broadcast over rows."""
     w_ref = np.asarray(w_ref, np.float64)
     diff = w_ref - np.asarray(w_new, np.float64)
-    err = float((diff * diff * h).sum())
-    ref = float((w_ref * w_ref * h).sum())
+    return float((diff * diff * h).sum()), float((w_ref * w_ref * h).sum())
+
+
+def weighted_error(w_ref: np.ndarray, w_new: np.ndarray, h: np.ndarray) -> tuple[float, float]:
+    """(Σ h (w_ref - w_new)^2, that / Σ h w_ref^2), h broadcast over rows."""
+    err, ref = weighted_sums(w_ref, w_new, h)
     return err, (err / ref if ref > 0 else 0.0)
 
 

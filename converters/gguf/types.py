@@ -24,13 +24,31 @@ import numpy as np
 from neuqi_export.errors import UserError
 
 from . import codebook, kquants
-from .exact import PackedTensor, pack_exact, pack_symmetric_exact, weighted_error
+from .exact import PackedTensor, pack_exact, pack_symmetric_exact, weighted_error, weighted_sums
 from .kquants import KSpec
 from .packers import (QK, QK_K, fit_q6_k_params, pack_q2_k, pack_q3_k, pack_q4_1, pack_q4_k, pack_q5_1, pack_q5_k,
                       pack_q6_k, quantize_q6_k, quantize_q8_0)
 
 TYPES: dict[str, "GGUFType"] = {}
 FROM_FLOAT = "from float (unquantized in the master)"
+ROW_CHUNK = 1 << 22  # weights per row chunk of a float tensor's fit: its float64 temporaries stay ~32 MB each
+
+
+def by_row_chunks(w: np.ndarray, h: np.ndarray, qtype: str, make) -> tuple[np.ndarray, float, float]:
+    """(bytes, Σ h err², relative error) of `make(rows)` -> qtype bytes over row chunks of w (rows, n): the same bytes
+    as one call (every block fit is independent per row), with the temporaries of one chunk, not of the tensor
+    (an embedding's or head's whole-tensor fit peaked at ~8 GiB for 49152 x 4096)."""
+    t = gguf.GGMLQuantizationType[qtype]
+    step = max(1, ROW_CHUNK // max(w.shape[1], 1))
+    parts, err, ref = [], 0.0, 0.0
+    for i in range(0, w.shape[0], step):
+        wc = w[i:i + step]
+        data = make(wc)
+        e, r = weighted_sums(wc, gguf.quants.dequantize(data, t), h)
+        parts.append(data)
+        err, ref = err + e, ref + r
+    data = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    return data, err, (err / ref if ref > 0 else 0.0)
 
 
 class GGUFType:
@@ -85,9 +103,7 @@ class GGUFType:
         if n % self.block:
             raise ValueError(f"{self.name} needs rows divisible by {self.block}, got {n}")
         h = np.ones(n) if hdiag is None else np.asarray(hdiag, np.float64)
-        data = self.refit_bytes(w, h)
-        back = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[self.name])
-        err, rel = weighted_error(w, back, h)
+        data, err, rel = by_row_chunks(w, h, self.name, lambda wc: self.refit_bytes(wc, h))
         return PackedTensor(data, self.name, False, err, rel, f"{self.name} refit (diag-H){'; ' + note if note else ''}")
 
     def from_float(self, w: np.ndarray) -> PackedTensor:
@@ -102,8 +118,8 @@ class GGUFType:
         if n % self.block:
             raise UserError(f"{self.name} needs a row length divisible by {self.block} (got {n}); {advice}")
         t = gguf.GGMLQuantizationType[self.name]
-        data = gguf.quants.quantize(w, t) if data is None else data(w)
-        err, rel = weighted_error(w, gguf.quants.dequantize(data, t), np.ones(n))
+        make = (lambda wc: gguf.quants.quantize(wc, t)) if data is None else data
+        data, err, rel = by_row_chunks(w, np.ones(n), self.name, make)
         return PackedTensor(data, self.name, False, err, rel, FROM_FLOAT)
 
 
