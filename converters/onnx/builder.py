@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
-from onnx.external_data_helper import set_external_data
 
 SIZE_THRESHOLD = 1024  # onnx.save_model's default: tensors whose raw data (sys.getsizeof) is at least this go external
 
@@ -23,15 +22,23 @@ class ExternalData:
         self._f = open(self.path, "wb")
         self.count = 0
 
-    def park(self, tensor: TensorProto) -> TensorProto:
-        """Write `tensor`'s raw data to the file when it is large and make the tensor refer to it; returns it."""
-        if tensor.HasField("raw_data") and sys.getsizeof(tensor.raw_data) >= SIZE_THRESHOLD:
-            offset = self._f.tell()
-            self._f.write(tensor.raw_data)
-            set_external_data(tensor, self.location, offset, self._f.tell() - offset)
-            tensor.ClearField("raw_data")
-            self.count += 1
-        return tensor
+    def write(self, name: str, data_type: int, dims, raw: np.ndarray) -> TensorProto | None:
+        """A large initializer straight from its array: its bytes appended to the file and a TensorProto that only
+        refers to them (None when it is small: it stays in the graph). The bytes never enter a TensorProto, whose
+        memory protobuf's upb arena keeps to the end even after ClearField: parking them grew the export's RSS by
+        every tensor's bytes."""
+        n = raw.nbytes
+        if sys.getsizeof(b"") + n < SIZE_THRESHOLD:  # onnx.save_model's rule: sys.getsizeof of the raw_data bytes
+            return None
+        t = TensorProto(name=name, data_type=data_type, dims=list(dims))
+        offset = self._f.tell()
+        self._f.write(memoryview(np.ascontiguousarray(raw)).cast("B"))
+        t.data_location = TensorProto.EXTERNAL  # what onnx's set_external_data writes (it wants a raw_data field)
+        for key, value in (("location", self.location), ("offset", str(offset)), ("length", str(n))):
+            entry = t.external_data.add()
+            entry.key, entry.value = key, value
+        self.count += 1
+        return t
 
     def close(self) -> None:
         if not self._f.closed:
@@ -105,13 +112,17 @@ class Builder:
         """An initializer holding `arr` as it is; returns its (unique) name."""
         name = self.name(name)
         arr = np.ascontiguousarray(arr)
-        self._add(numpy_helper.from_array(arr, name))
+        self._add_array(name, helper.np_dtype_to_tensor_dtype(arr.dtype), arr.shape, arr)
         self.init_bytes += arr.nbytes
         return name
 
-    def _add(self, tensor: TensorProto) -> None:
-        """Append an initializer (its bytes to the sink first, when there is one)."""
-        self.inits.append(tensor if self.sink is None else self.sink.park(tensor))
+    def _add_array(self, name: str, data_type: int, dims, raw: np.ndarray) -> None:
+        """An initializer from an array's bytes: written to the sink directly when large, else in the graph."""
+        t = None if self.sink is None else self.sink.write(name, data_type, dims, raw)
+        if t is None:
+            t = (numpy_helper.from_array(raw, name) if raw.dtype == helper.tensor_dtype_to_np_dtype(data_type)
+                 else helper.make_tensor(name, data_type, dims, raw.tobytes(), raw=True))
+        self.inits.append(t)
 
     def float_weight(self, name: str, arr: np.ndarray) -> str:
         """A float weight as a tensor in the graph's dtype: in an fp32 graph stored as `float_storage` says and
@@ -129,7 +140,7 @@ class Builder:
         tp, raw = half
         self.stored[name] = "BF16" if tp == TensorProto.BFLOAT16 else "FP16"
         stored = self.name(name)
-        self._add(helper.make_tensor(stored, tp, raw.shape, raw.tobytes(), raw=True))
+        self._add_array(stored, tp, raw.shape, raw)
         self.init_bytes += raw.nbytes
         return self.op("Cast", [stored], f"{name}/to_f32", to=TensorProto.FLOAT)
 

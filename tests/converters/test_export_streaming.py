@@ -154,24 +154,54 @@ def test_onnx_export_holds_no_large_initializer_in_the_graph(masters, tmp_path):
         assert (tmp_path / f"{n}.data").stat().st_size > 50 * held[n]  # the weights are in the file, not the graph
 
 
+def test_onnx_large_initializers_never_enter_a_tensorproto(masters, tmp_path, monkeypatch):
+    """A large initializer's bytes go from its array to the file: none is made as a TensorProto with raw data (upb's
+    arena keeps a message's bytes to the end even after ClearField; parking them that way grew the export's RSS by
+    every tensor's bytes: 1.14 vs 0.82 GiB on a 6-block 1024-wide master, +0.42 GiB a block at 7B's shape)."""
+    from onnx import helper, numpy_helper
+
+    from converters.onnx.builder import SIZE_THRESHOLD, ExternalData
+    from converters.onnx.export import build_model
+
+    made = []
+    from_array, make_tensor = numpy_helper.from_array, helper.make_tensor
+
+    def record(fn):
+        def wrapped(*a, **kw):
+            t = fn(*a, **kw)
+            made.append(len(t.raw_data))
+            return t
+        return wrapped
+
+    monkeypatch.setattr(numpy_helper, "from_array", record(from_array))
+    monkeypatch.setattr(helper, "make_tensor", record(make_tensor))
+    sink = ExternalData(tmp_path / "m.data", "m.data")
+    try:
+        build_model(MasterCheckpoint.load(masters[2]), sink=sink)
+    finally:
+        sink.close()
+    assert made and sink.count > 12
+    assert max(made) < SIZE_THRESHOLD, f"a TensorProto held {max(made)} bytes of raw data"
+
+
 def test_onnx_full_disk_leaves_nothing(masters, tmp_path, monkeypatch, capsys):
     from converters.onnx.builder import ExternalData
 
-    park = ExternalData.park
+    write = ExternalData.write
     calls = {"n": 0}
 
-    def full(self, tensor):  # some initializers written, then the disk fills up
+    def full(self, *a):  # some initializers written, then the disk fills up
         calls["n"] += 1
         if calls["n"] > 5:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return park(self, tensor)
+        return write(self, *a)
 
-    monkeypatch.setattr(ExternalData, "park", full)
+    monkeypatch.setattr(ExternalData, "write", full)
     out = tmp_path / "m.onnx"
     assert main(["export", str(masters[2]), "--to", "onnx", "-o", str(out)]) == 2
     assert "no space left" in capsys.readouterr().err.lower()
     assert list(tmp_path.iterdir()) == []
-    monkeypatch.setattr(ExternalData, "park", park)
+    monkeypatch.setattr(ExternalData, "write", write)
     assert main(["export", str(masters[2]), "--to", "onnx", "-o", str(out)]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 
