@@ -284,9 +284,10 @@ def export_compressed_tensors(master, out, scale_dtype: str = "fp32", refit: str
     schemes: dict[tuple[int, int], list[str]] = {}
     dense: list[str] = []
     shared = {}
-    for bits in sorted({lin.bits for lin in master.linears.values()}):
-        fits = [(lin.shape[1], lin.group_size) for n, lin in master.linears.items()
-                if lin.bits == bits and ct_group_size(lin.shape[1], lin.group_size) is not None and n != HEAD]
+    layouts = {n: master.layout(n) for n in master.linears}  # no linear read to tell its bits and groups
+    for bits in sorted({m["bits"] for m in layouts.values()}):
+        fits = [(m["shape"][1], m["group_size"]) for n, m in layouts.items()
+                if m["bits"] == bits and ct_group_size(m["shape"][1], m["group_size"]) is not None and n != HEAD]
         shared[bits] = shared_group_size(fits) if fits else None
     fam = family_for(master.config)
     opts = dict(float_storage=float_storage, half=half, sdt=sdt, refit=refit)

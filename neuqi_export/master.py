@@ -70,7 +70,11 @@ class QuantizedLinear:
         return ({f"{name}.qweight": torch.from_numpy(pack_bits(self.codes.cpu().numpy(), self.bits)),
                  f"{name}.scales": self.scale.float().cpu().contiguous(),
                  f"{name}.zeros": self.zero.float().cpu().contiguous(), f"{name}.hdiag": _hdiag(self.hdiag, self.shape)},
-                {"bits": self.bits, "group_size": self.group_size, "shape": list(self.shape)})
+                self.layout())
+
+    def layout(self) -> dict:
+        """Its `quantization_config.modules` entry: bits, group size, shape."""
+        return {"bits": self.bits, "group_size": self.group_size, "shape": list(self.shape)}
 
 
 class BlockFormat(Protocol):
@@ -128,7 +132,11 @@ class GGUFLinear:
     def to_tensors(self, name: str) -> tuple[dict, dict]:
         """The tensors this record is stored as (the GGUF blocks as they are) and its `modules` entry."""
         return ({f"{name}.gguf": self.data.cpu().contiguous(), f"{name}.hdiag": _hdiag(self.hdiag, self.shape)},
-                {"gguf_type": self.qtype, "shape": list(self.shape)})
+                self.layout())
+
+    def layout(self) -> dict:
+        """Its `quantization_config.modules` entry: GGUF type, shape."""
+        return {"gguf_type": self.qtype, "shape": list(self.shape)}
 
 
 def _hdiag(hdiag: torch.Tensor | None, shape) -> torch.Tensor:
@@ -168,6 +176,12 @@ class MasterCheckpoint:
         """The record class of linear `name` (a lazily loaded master's linear is not read to tell)."""
         return self.linears.kind(name) if hasattr(self.linears, "kind") else type(self.linears[name])
 
+    def layout(self, name: str) -> dict:
+        """Linear `name`'s `modules` entry (bits, group_size, shape; or gguf_type, shape): a lazily loaded master's
+        from its config, the linear not read (an exporter asking every linear's bits reads no codes)."""
+        known = self.linears.layout(name) if hasattr(self.linears, "layout") else None
+        return known if known is not None else self.linears[name].layout()
+
     @property
     def head_is_embedding(self) -> bool:
         """The output head is the embedding table: tied in the config, or no head stored (float or quantized)."""
@@ -176,7 +190,7 @@ class MasterCheckpoint:
 
     def require_uniform(self, what: str) -> None:
         """UserError when a linear is held in a GGUF block type (only the GGUF exporter can take those)."""
-        typed = [n for n, lin in self.linears.items() if isinstance(lin, GGUFLinear)]
+        typed = [n for n in self.linears if self.record_class(n) is GGUFLinear]
         if typed:
             raise UserError(f"this master holds {len(typed)} linears quantized for GGUF block types (e.g. {typed[0]}), "
                             f"which {what} cannot take; export it with --to gguf, or quantize a uniform master with "
@@ -260,7 +274,8 @@ class MasterCheckpoint:
         if extra:
             raise UserError(f"'{path}' holds '{extra[0]}', which its config.json does not describe; {fix}")
         linears = LazyDict(modules, lambda n: _read_linear(store, n, modules[n]),
-                           kinds={n: GGUFLinear if "gguf_type" in m else QuantizedLinear for n, m in modules.items()})
+                           kinds={n: GGUFLinear if "gguf_type" in m else QuantizedLinear for n, m in modules.items()},
+                           layouts=modules)
         names = [k for k in store.keys() if k not in parts]
         master = cls(config=config, linears=linears, tensors=LazyDict(names, store.get), tokenizer_dir=path)
         if master.head_shares_embedding:

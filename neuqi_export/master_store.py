@@ -176,15 +176,19 @@ class LazyDict(MutableMapping):
     """A mapping whose values are read (`read(name)`) only when asked for and not kept; writes and deletions are
     kept on top. `kinds` (name -> class) says a value's type without reading it."""
 
-    def __init__(self, names, read, kinds: dict | None = None):
+    def __init__(self, names, read, kinds: dict | None = None, layouts: dict | None = None):
         self._names = list(names)
         self._known = set(self._names)
-        self._read, self._kinds = read, kinds or {}
+        self._read, self._kinds, self._layouts = read, kinds or {}, layouts or {}
         self._over: dict = {}
         self._gone: set = set()
 
     def kind(self, name):
         return type(self._over[name]) if name in self._over else self._kinds.get(name)
+
+    def layout(self, name) -> dict | None:
+        """What the stored value's `layouts` entry says of it (None once it is replaced or unknown)."""
+        return None if name in self._over else self._layouts.get(name)
 
     def __getitem__(self, name):
         if name in self._over:

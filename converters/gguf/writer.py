@@ -184,8 +184,9 @@ def export_gguf(master, out, qtype: str = "Q4_1", embed_type: str = "auto", outp
     fold, folded = _arch.query_fold(fam, config), _arch.fold_names(fam, config)
     norms = set(fam.norm_names(config))
     max_bits, file_type = TYPES[qtype].bits, TYPES[qtype].file_type
-    too_wide = sorted({lin.bits for name, lin in master.linears.items()  # a quantized head takes the output type
-                       if not isinstance(lin, GGUFLinear) and lin.bits > max_bits and name != HEAD})
+    layouts = {name: master.layout(name) for name in master.linears}  # no linear read to tell its bits
+    too_wide = sorted({m["bits"] for name, m in layouts.items()  # a quantized head takes the output type
+                       if "bits" in m and m["bits"] > max_bits and name != HEAD})
     if plan is not None:
         file_type = _presets.FILE_TYPE[preset]
         too_wide = []

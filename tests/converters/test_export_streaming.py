@@ -234,3 +234,26 @@ def test_safetensors_exports_peak_does_not_grow_with_depth(masters, tmp_path, fm
     shards = set(index["weight_map"].values())
     assert len(shards) > 8 and all((tmp_path / f"8.{fmt}" / s).is_file() for s in shards)
     assert {k.split(".")[2] for k in index["weight_map"] if k.startswith("model.layers.")} == {str(i) for i in range(8)}
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "onnx", "mlx", "compressed-tensors"])
+def test_each_export_reads_each_linear_of_a_loaded_master_once(masters, tmp_path, monkeypatch, fmt):
+    """The bits, groups and shapes an exporter plans with come from the master's config (MasterCheckpoint.layout), so
+    a linear's codes are read from the shards once, when it is written (compressed-tensors read every one three
+    times, GGUF twice)."""
+    import collections
+
+    from converters.registry import load_all
+    from neuqi_export import master as master_mod
+
+    reads = collections.Counter()
+    real = master_mod._read_linear
+
+    def counted(store, name, meta):
+        reads[name] += 1
+        return real(store, name, meta)
+
+    monkeypatch.setattr(master_mod, "_read_linear", counted)
+    m = MasterCheckpoint.load(masters[2])
+    load_all()[fmt].export(m, tmp_path / f"out.{fmt}", overwrite=True)
+    assert set(reads) == set(m.linears) and set(reads.values()) == {1}, reads
