@@ -27,8 +27,11 @@ import gguf
 
 from neuqi_export.errors import UserError
 
-# the pre-tokenizer regexes llama.cpp names "qwen2" / "llama-bpe": tokenizer facts matched by regex, never by
-# model_type (Qwen3, DeepSeek and others ship the same splits); the model families live in neuqi_export/archs
+# llama.cpp's tokenizer ids, one row each: GGUF values of tokenizer.ggml.model / .pre, not model families (the
+# families live in neuqi_export/archs). SPM is llama.cpp's name for its SentencePiece tokenizer; the pre-tokenizer ids
+# name regexes, matched below by the regex itself, never by model_type (Qwen3, DeepSeek and others ship the same)
+GGML_SPM, GGML_BPE = "llama", "gpt2"
+PRE_DEFAULT, PRE_GPT2, PRE_SMOLLM, PRE_ONE_DIGIT, PRE_DIGITS_1_3 = "default", "gpt-2", "smollm", "qwen2", "llama-bpe"
 _ONE_DIGIT_RE = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 _DIGITS_1_3_RE = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 _SPACE = "\u2581"  # SentencePiece's visible space
@@ -47,17 +50,17 @@ def detect_pre(tokenizer_json: dict) -> str | None:
     parts = _flatten(tokenizer_json.get("pre_tokenizer"))
     types = [p.get("type") for p in parts]
     if types == ["ByteLevel"] and parts[0].get("use_regex", True) and not parts[0].get("add_prefix_space", False):
-        return "gpt-2"
+        return PRE_GPT2
     if types == ["Digits", "ByteLevel"] and parts[0].get("individual_digits") and parts[1].get("use_regex", True) \
             and not parts[1].get("add_prefix_space", False):
-        return "smollm"
+        return PRE_SMOLLM
     if types == ["Split", "ByteLevel"] and not parts[1].get("use_regex", True):
         pattern = parts[0].get("pattern", {})
         regex = pattern.get("Regex") if isinstance(pattern, dict) else None
         if regex == _ONE_DIGIT_RE:
-            return "qwen2"
+            return PRE_ONE_DIGIT
         if regex == _DIGITS_1_3_RE:
-            return "llama-bpe"
+            return PRE_DIGITS_1_3
     return None
 
 
@@ -92,8 +95,8 @@ def add_tokenizer(w: gguf.GGUFWriter, tok_dir: Path | None, n_vocab: int, pre: s
         info = _add_spm_bpe(w, tj, n_vocab) if is_spm_bpe(tj) else _add_bpe(w, tj, n_vocab, pre)
     else:
         raise UserError(f"'{tok_dir}' has neither tokenizer.json nor tokenizer.model; copy the model's tokenizer files into the master checkpoint")
-    special = gguf.SpecialVocab(tok_dir, load_merges=info["model"] == "gpt2", n_vocab=n_vocab)
-    if info["model"] == "gpt2" and not special.merges:
+    special = gguf.SpecialVocab(tok_dir, load_merges=info["model"] == GGML_BPE, n_vocab=n_vocab)
+    if info["model"] == GGML_BPE and not special.merges:
         raise UserError(f"{tok_dir / 'tokenizer.json'} has no BPE merges; restore the model's tokenizer.json")
     add_bos, add_eos = _add_bos_eos(tok_dir, special.special_token_ids.get("bos"), special.special_token_ids.get("eos"))
     if add_bos is not None:
@@ -131,11 +134,11 @@ def _add_bpe(w: gguf.GGUFWriter, tj: dict, n_vocab: int, pre: str | None) -> dic
         if pre is None:
             raise UserError("unrecognised BPE pre-tokenizer in tokenizer.json; pass --tokenizer-pre with the llama.cpp name (e.g. gpt-2, smollm, qwen2, llama-bpe)")
     tokens, types = _token_table(model.get("vocab", {}), tj.get("added_tokens", []), n_vocab)
-    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_model(GGML_BPE)
     w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
     w.add_token_types(types)
-    return {"model": "gpt2", "pre": pre}
+    return {"model": GGML_BPE, "pre": pre}
 
 
 def is_spm_bpe(tj: dict) -> bool:
@@ -196,13 +199,13 @@ def _add_spm_bpe(w: gguf.GGUFWriter, tj: dict, n_vocab: int) -> dict:
     for a in added:  # control tokens are matched whole, never merged (as llama.cpp's SPM conversions score them)
         if a.get("special"):
             scores[a["id"]] = -1000.0
-    w.add_tokenizer_model("llama")
-    w.add_tokenizer_pre("default")
+    w.add_tokenizer_model(GGML_SPM)
+    w.add_tokenizer_pre(PRE_DEFAULT)
     w.add_token_list(tokens)
     w.add_token_scores(scores)
     w.add_token_types(types)
     w.add_add_space_prefix(space_prefix(tj))
-    return {"model": "llama", "pre": "default"}
+    return {"model": GGML_SPM, "pre": PRE_DEFAULT}
 
 
 def _add_spm(w: gguf.GGUFWriter, tok_dir: Path, n_vocab: int) -> dict:
@@ -242,12 +245,12 @@ def _add_spm(w: gguf.GGUFWriter, tok_dir: Path, n_vocab: int) -> dict:
             tokens[i] = a["content"]
             scores[i] = -1000.0
             types[i] = int(gguf.TokenType.CONTROL if a.get("special", True) else gguf.TokenType.USER_DEFINED)
-    w.add_tokenizer_model("llama")
-    w.add_tokenizer_pre("default")
+    w.add_tokenizer_model(GGML_SPM)
+    w.add_tokenizer_pre(PRE_DEFAULT)
     w.add_token_list(tokens)
     w.add_token_scores(scores)
     w.add_token_types(types)
-    return {"model": "llama", "pre": "default"}
+    return {"model": GGML_SPM, "pre": PRE_DEFAULT}
 
 
 # llama.cpp (llama-vocab.cpp) looks these tokens up, and aborts loading when one is missing, if general.name
